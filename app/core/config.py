@@ -1,0 +1,93 @@
+"""One settings object for the API, the workers and the CLI.
+
+Every value comes from an `ALIGND_*` environment variable (or a `.env` file); nothing else in the
+code base reads `os.environ`. With no settings at all alignd runs embedded: SQLite, a filesystem
+Celery broker and the transformers model server, all under `ALIGND_HOME` (default `./var`).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_DEV_WEBHOOK_SECRET = "dev-webhook-signing-secret"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ALIGND_", env_file=".env", extra="ignore")
+
+    environment: str = Field("development", description="development | production")
+    home: Path = Field(Path("var"), description="Root of embedded state (db, broker, artifacts)")
+
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite under home")
+    broker_url: str | None = Field(None, description="Celery broker; default filesystem under home")
+    model_root: Path | None = Field(None, description="Directory of local models users may name")
+    artifact_root: Path | None = Field(None, description="Where job artifacts are written")
+
+    api_url: str = Field("http://127.0.0.1:8000", description="Where the CLI client finds the API")
+    api_key: str | None = Field(None, description="The CLI client's bearer key")
+    model_server_url: str = Field("http://127.0.0.1:8100", description="Embedded model server")
+
+    max_upload_bytes: int = 50 * 1024 * 1024
+    max_json_body_bytes: int = 1024 * 1024
+    max_prompts: int = 1_000_000
+    idempotency_ttl_hours: int = 24
+
+    # A round must finish well inside the broker's visibility timeout or Redis redelivers it.
+    visibility_timeout_s: int = 6 * 3600
+    heartbeat_interval_s: float = 10.0
+    stale_after_s: float = 120.0
+    requeue_interval_s: float = 30.0
+    max_attempts: int = 3
+
+    webhook_max_retries: int = 8
+    webhook_timeout_s: float = 10.0
+    webhook_secret_fallback: str = _DEV_WEBHOOK_SECRET
+
+    @model_validator(mode="after")
+    def _refuse_dev_defaults_in_production(self) -> Settings:
+        if self.environment == "production":
+            missing = [n for n in ("database_url", "broker_url", "model_root", "artifact_root")
+                       if getattr(self, n) is None]
+            if missing:
+                raise ValueError(f"production needs explicit settings: {', '.join(missing)}")
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.home / 'alignd.db').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_folder(self) -> Path:
+        return (self.home / "broker").resolve()
+
+    @property
+    def resolved_model_root(self) -> Path:
+        return (self.model_root or self.home / "models").resolve()
+
+    @property
+    def resolved_artifact_root(self) -> Path:
+        return (self.artifact_root or self.home / "artifacts").resolve()
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.resolved_database_url.startswith("sqlite")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
+
+
+def reset_settings_cache() -> None:
+    """Tests change the environment and call this so every module sees the new settings."""
+    get_settings.cache_clear()
