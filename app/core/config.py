@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     requeue_interval_s: float = 30.0
     max_attempts: int = 3
 
+    # [[min_billion_params, queue], ...]: e.g. [[30, "gpu-h200"], [0, "gpu-a100"]]. Full
+    # fine-tuning counts three times the parameters (weights, gradients, optimizer state).
+    gpu_queue_routes: list[tuple[float, str]] = Field(default_factory=list)
+
     webhook_max_retries: int = 8
     webhook_timeout_s: float = 10.0
     webhook_secret_fallback: str = _DEV_WEBHOOK_SECRET

@@ -127,8 +127,36 @@ class JobSpec(StrictModel):
         return validate_model_name(v)
 
 
+def find_nul(value: Any, path: str = "") -> str | None:
+    """Path of the first string (or key) holding a NUL character: Postgres cannot store one."""
+    if isinstance(value, str):
+        return path or "body" if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            sub = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and "\x00" in key:
+                return sub
+            found = find_nul(item, sub)
+            if found:
+                return found
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            found = find_nul(item, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
 class JobCreate(JobSpec):
     """The POST /v1/jobs body: the spec plus what concerns the job's owner, not its result."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        where = find_nul(data)
+        if where:
+            raise ValueError(f"NUL characters are not allowed (at {where})")
+        return data
 
     suffix: str | None = Field(None, max_length=40, pattern=r"^[A-Za-z0-9_\-]+$")
     webhook_url: str | None = Field(None, max_length=2000, pattern=r"^https?://[^\s]+$")

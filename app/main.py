@@ -1,0 +1,23 @@
+"""The alignd API: a FastAPI app that stores jobs and hands work to Celery by task name."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from app.api.limits import BodySizeLimit
+from app.api.metrics import MetricsMiddleware
+from app.api.router import api_router
+from app.core.config import get_settings
+from app.core.errors import install_error_handlers
+
+
+def create_app() -> FastAPI:
+    settings = get_settings()
+    app = FastAPI(title="alignd", version="0.1.0",
+                  description="Alignment as a service: iterative preference optimisation jobs.")
+    install_error_handlers(app)
+    app.include_router(api_router)
+    app.add_middleware(BodySizeLimit, json_limit=settings.max_json_body_bytes,
+                       upload_limit=settings.max_upload_bytes)
+    app.add_middleware(MetricsMiddleware)
+    return app

@@ -1,0 +1,106 @@
+"""Jobs as the API sees them: create, read, list, cancel; enqueue only after commit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
+
+from app import queue
+from app.core.errors import Conflict, InvalidRequest, NotFound
+from app.core.security import new_id
+from app.db.models import Job, JobRound, PromptSet, Tenant
+from app.schemas.job_spec import JobCreate, JobSpec
+from app.schemas.jobs import TERMINAL_STATUSES, JobError, JobProgress, JobRead, JobRoundRead
+from app.services.events import add_event
+from app.services.job_lifecycle import after_commit_notify, finish_job
+
+
+def job_spec(job: Job) -> JobSpec:
+    return JobSpec.model_validate(job.spec)
+
+
+def to_read(job: Job) -> JobRead:
+    spec = job_spec(job)
+    return JobRead(
+        id=job.id, status=job.status, base_model=job.base_model, prompt_set=job.prompt_set_id,
+        reward_model=spec.reward_model, algorithm=spec.algorithm, pairing=spec.pairing,
+        generation=spec.generation, training=spec.training, rounds=job.rounds,
+        samples_per_prompt=spec.samples_per_prompt, eval_fraction=spec.eval_fraction,
+        current_round=job.current_round,
+        progress=JobProgress(phase=job.phase, fraction=round(job.progress_fraction, 4)),
+        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+        error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
+        fine_tuned_model=job.fine_tuned_model, suffix=job.suffix, webhook_url=job.webhook_url,
+        metadata=job.job_metadata or {},
+    )
+
+
+def create_job(session: Session, *, tenant: Tenant, body: JobCreate) -> Job:
+    prompt_set = session.scalar(select(PromptSet).where(
+        PromptSet.id == body.prompt_set, PromptSet.tenant_id == tenant.id, PromptSet.deleted_at.is_(None)))
+    if prompt_set is None:
+        raise InvalidRequest(f"no prompt set {body.prompt_set!r}", param="prompt_set", code="prompt_set_not_found")
+    spec = body.spec()
+    job = Job(id=new_id("job"), tenant_id=tenant.id, prompt_set_id=prompt_set.id, status="validating",
+              base_model=spec.base_model, spec=spec.model_dump(mode="json"), rounds=spec.rounds,
+              suffix=body.suffix, webhook_url=body.webhook_url, job_metadata=body.metadata)
+    session.add(job)
+    session.flush()
+    add_event(session, job_id=job.id, type="job.created", message="job created, validating inputs",
+              data={"prompt_set": prompt_set.id, "num_prompts": prompt_set.num_prompts})
+    return job
+
+
+def enqueue_validation(job: Job) -> None:
+    queue.send(queue.TASK_VALIDATE_JOB, [job.id])
+
+
+def get_job(session: Session, *, tenant: Tenant, job_id: str) -> Job:
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant.id))
+    if job is None:
+        raise NotFound(f"no job {job_id!r}", param="job_id")
+    return job
+
+
+def list_jobs(session: Session, *, tenant: Tenant, limit: int, after: str | None,
+              status: str | None) -> tuple[list[Job], bool]:
+    query = select(Job).where(Job.tenant_id == tenant.id)
+    if status:
+        query = query.where(Job.status == status)
+    if after:
+        cursor = get_job(session, tenant=tenant, job_id=after)
+        query = query.where(or_(Job.created_at < cursor.created_at,
+                                and_(Job.created_at == cursor.created_at, Job.id < cursor.id)))
+    rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def cancel_job(session: Session, *, tenant: Tenant, job_id: str) -> Job:
+    job = get_job(session, tenant=tenant, job_id=job_id)
+    if job.status == "cancelled":
+        return job
+    if job.status in TERMINAL_STATUSES:
+        raise Conflict(f"job already {job.status}", code="job_not_cancellable")
+    if job.status in ("validating", "queued"):
+        finish_job(session, job, "cancelled", message="job cancelled before it started")
+    elif not job.cancel_requested:
+        job.cancel_requested = True
+        add_event(session, job_id=job.id, type="job.cancel_requested", level="warning",
+                  message="cancellation requested; the job stops at the next safe point")
+    return job
+
+
+def notify(job: Job) -> None:
+    after_commit_notify(job)
+
+
+def list_rounds(session: Session, *, job: Job) -> list[JobRoundRead]:
+    rows = session.scalars(select(JobRound).where(JobRound.job_id == job.id).order_by(JobRound.round))
+    return [JobRoundRead(round=r.round, status=r.status, metrics=r.metrics or {}, started_at=r.started_at,
+                         finished_at=r.finished_at) for r in rows]
+
+
+def summary(job: Job) -> dict[str, Any]:
+    return to_read(job).model_dump(mode="json")
