@@ -26,9 +26,12 @@ def estimate_billions_of_parameters(model_name: str, model_root: Path) -> float 
             hidden, layers = int(config["hidden_size"]), int(config["num_hidden_layers"])
             vocab = int(config.get("vocab_size", 32000))
             inter = int(config.get("intermediate_size", 4 * hidden))
+            heads = int(config.get("num_attention_heads", 1))
+            kv_width = int(config.get("num_key_value_heads", heads)) * (hidden // max(heads, 1))
         except (KeyError, TypeError, ValueError):
             return None
-        per_layer = 4 * hidden * hidden + 3 * hidden * inter
+        # q and o projections, grouped k and v projections, gated MLP; embeddings in and out.
+        per_layer = 2 * hidden * hidden + 2 * hidden * kv_width + 3 * hidden * inter
         return (layers * per_layer + 2 * vocab * hidden) / 1e9
     match = _SIZE_IN_NAME.search(model_name)
     return float(match.group(1)) if match else None
