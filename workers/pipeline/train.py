@@ -1,0 +1,205 @@
+"""DPO on the round's pairs with TRL, LoRA (default) or full fine-tuning.
+
+Iterative LoRA: the policy of round n is base + ONE cumulative adapter. Round 1 starts a fresh
+adapter; round n > 1 loads round n-1's adapter as trainable and keeps training it, so the final
+model is base + one adapter (what vLLM multi-LoRA serves). Full fine-tuning continues from round
+n-1's full model.
+
+Reference model: "round_start" is the policy as it was when the round began (round 1: the base);
+"base" is always the original base model. For LoRA round 1 both are the base, obtained by TRL
+disabling the adapter; otherwise an explicit frozen model is built (base + previous adapter, merged).
+
+TRL 1.x dropped `max_prompt_length`; pairs whose prompt alone exceeds it are skipped here and
+counted, so the job's setting keeps its meaning.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from workers.errors import InvalidTrainingConfig, NoPairs
+from workers.pipeline.hooks import RoundHooks
+from workers.pipeline.loading import (
+    compute_device,
+    has_gpu,
+    load_causal_lm,
+    load_policy,
+    load_tokenizer,
+    oom_as_domain_error,
+    training_dtype,
+)
+from workers.pipeline.prompts import ensure_chat_template
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 16
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    method: Literal["lora", "full"] = "lora"
+    learning_rate: float = 5e-7
+    epochs: float = 1.0
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_length: int = 1024
+    max_prompt_length: int = 512
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.1
+    gradient_checkpointing: bool = True
+    seed: int = 0
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    reference: Literal["round_start", "base"] = "round_start"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def __post_init__(self) -> None:
+        if self.method not in ("lora", "full"):
+            raise ValueError(f"unknown training method {self.method!r}")
+        if self.reference not in ("round_start", "base"):
+            raise ValueError(f"unknown reference {self.reference!r}")
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError("max_prompt_length must be below max_length")
+
+
+@dataclass(frozen=True)
+class StartingPolicy:
+    """The policy at the start of the round: base (+ the cumulative adapter) or a full model dir."""
+
+    base_location: str
+    adapter_dir: Path | None = None
+    full_model_dir: Path | None = None
+
+
+@dataclass
+class TrainResult:
+    train_loss: float
+    steps: int
+    samples: int
+    skipped_long_prompts: int
+    wall_s: float
+    is_adapter: bool
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.wall_s if self.wall_s > 0 else 0.0
+
+
+def trl_loss_types() -> set[str]:
+    """The loss names TRL documents on `DPOConfig.loss_type` (so new TRL losses work unchanged)."""
+    from trl import DPOConfig
+
+    help_text = DPOConfig.__dataclass_fields__["loss_type"].metadata.get("help", "")
+    return set(re.findall(r"'([a-z0-9_]+)'", help_text))
+
+
+def _cancel_callback(hooks: RoundHooks, progress: Any) -> Any:
+    from transformers import TrainerCallback
+
+    class CancelAndProgress(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            hooks.check_cancelled()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            hooks.check_cancelled()
+            if state.max_steps:
+                progress(state.global_step / state.max_steps)
+
+    return CancelAndProgress()
+
+
+def _build_models(config: TrainConfig, start: StartingPolicy, dtype: Any, device: str) -> tuple[Any, Any, Any]:
+    """(policy, ref_model or None, peft_config or None) as described in the module docstring."""
+    if config.method == "full":
+        policy = load_causal_lm(str(start.full_model_dir or start.base_location), dtype=dtype, device=device)
+        ref_location = start.base_location if config.reference == "base" else str(
+            start.full_model_dir or start.base_location)
+        ref = load_causal_lm(ref_location, dtype=dtype, device=device)
+        return policy, _frozen(ref), None
+    if start.adapter_dir is None:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                                 target_modules=config.lora.target_modules, task_type="CAUSAL_LM", bias="none")
+        return load_causal_lm(start.base_location, dtype=dtype, device=device), None, peft_config
+    policy = load_policy(start.base_location, start.adapter_dir, dtype=dtype, device=device, merge=False,
+                         trainable=True)
+    ref_adapter = None if config.reference == "base" else start.adapter_dir
+    ref = load_policy(start.base_location, ref_adapter, dtype=dtype, device=device, merge=True)
+    return policy, _frozen(ref), None
+
+
+def _frozen(model: Any) -> Any:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _drop_long_prompts(dataset: Any, tokenizer: Any, max_prompt_length: int) -> tuple[Any, int]:
+    def fits(row: dict[str, Any]) -> bool:
+        ids = tokenizer.apply_chat_template(row["prompt"], tokenize=True, add_generation_prompt=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        return len(ids) <= max_prompt_length
+
+    kept = dataset.filter(fits)
+    return kept, len(dataset) - len(kept)
+
+
+def train_dpo(config: TrainConfig, start: StartingPolicy, pairs: Any, out_dir: Path, scratch_dir: Path,
+              hooks: RoundHooks | None = None, progress: Any = None) -> TrainResult:
+    """Train on `pairs` (a datasets.Dataset) and save the adapter or full model + tokenizer to `out_dir`."""
+    from trl import DPOConfig, DPOTrainer
+
+    hooks = hooks or RoundHooks()
+    progress = progress or (lambda fraction: None)
+    if config.loss_type not in trl_loss_types():
+        raise InvalidTrainingConfig(f"unknown DPO loss type {config.loss_type!r}; TRL knows "
+                                    f"{sorted(trl_loss_types())}")
+    tokenizer_source = str(start.full_model_dir or start.base_location)
+    tokenizer = load_tokenizer(tokenizer_source)
+    ensure_chat_template(tokenizer)  # TRL renders conversational rows with the chat template
+    pairs, skipped = _drop_long_prompts(pairs, tokenizer, config.max_prompt_length)
+    if len(pairs) == 0:
+        raise NoPairs(f"every pair's prompt is longer than max_prompt_length={config.max_prompt_length}")
+    on_gpu = has_gpu()
+    dtype = training_dtype()
+    device = compute_device()
+    args = DPOConfig(
+        output_dir=str(scratch_dir), report_to="none", save_strategy="no", logging_steps=1,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps, num_train_epochs=config.epochs,
+        learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_ratio, seed=config.seed, data_seed=config.seed, beta=config.beta,
+        loss_type=[config.loss_type], label_smoothing=config.label_smoothing, max_length=config.max_length,
+        bf16=on_gpu and dtype is not None and str(dtype) == "torch.bfloat16", fp16=False,
+        gradient_checkpointing=on_gpu and config.gradient_checkpointing, use_cpu=not on_gpu,
+        dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=True,
+    )
+    with oom_as_domain_error():
+        policy, ref, peft_config = _build_models(config, start, dtype, device)
+        trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=pairs,
+                             processing_class=tokenizer, peft_config=peft_config,
+                             callbacks=[_cancel_callback(hooks, progress)])
+        started = time.perf_counter()
+        try:
+            output = trainer.train()
+        except ValueError as exc:
+            if "loss type" in str(exc).lower():
+                raise InvalidTrainingConfig(str(exc)) from exc
+            raise
+        wall = time.perf_counter() - started
+    trainer.model.save_pretrained(str(out_dir), safe_serialization=True)
+    load_tokenizer(tokenizer_source).save_pretrained(str(out_dir))  # as shipped, not our in-memory edits
+    return TrainResult(train_loss=float(output.training_loss), steps=int(output.global_step),
+                       samples=int(len(pairs) * config.epochs), skipped_long_prompts=skipped, wall_s=wall,
+                       is_adapter=config.method == "lora")
