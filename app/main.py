@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 
 from app.api.limits import BodySizeLimit
@@ -9,11 +12,20 @@ from app.api.metrics import MetricsMiddleware
 from app.api.router import api_router
 from app.core.config import get_settings
 from app.core.errors import install_error_handlers
+from app.db.fast_reads import close_readers
+from app.db.session import dispose_async_engines
+
+
+@asynccontextmanager
+async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    yield
+    await close_readers()
+    await dispose_async_engines()
 
 
 def create_app() -> FastAPI:
     settings = get_settings()
-    app = FastAPI(title="alignd", version="0.1.0",
+    app = FastAPI(title="alignd", version="0.1.0", lifespan=lifespan,
                   description="Alignment as a service: iterative preference optimisation jobs.")
     install_error_handlers(app)
     app.include_router(api_router)

@@ -29,6 +29,9 @@ def reset_caches() -> None:
     from app.queue import celery_client
 
     reset_settings_cache()
+    from app.services.tenants import KEY_CACHE
+
+    KEY_CACHE.clear()
     dispose_engines()
     celery_client.cache_clear()
 

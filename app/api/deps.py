@@ -9,9 +9,9 @@ from fastapi import Depends, Header
 from sqlalchemy.orm import Session
 
 from app.db.models import Tenant
-from app.db.session import session_factory
+from app.db.session import read_session_factory, session_factory
 from app.services.idempotency import check_key
-from app.services.tenants import authenticate
+from app.services.tenants import authenticate_async, cached_tenant
 
 
 def get_db() -> Iterator[Session]:
@@ -25,8 +25,10 @@ def get_db() -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_db)]
 
 
-def current_tenant(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> Tenant:
-    return authenticate(session, authorization=authorization)
+async def current_tenant(authorization: Annotated[str | None, Header()] = None) -> Tenant:
+    # Async, and most requests are answered from the key cache without a session at all.
+    return cached_tenant(authorization) or await authenticate_async(read_session_factory(),
+                                                                    authorization=authorization)
 
 
 TenantDep = Annotated[Tenant, Depends(current_tenant)]

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import get_settings
@@ -65,3 +66,39 @@ def session_scope() -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def async_url(url: str) -> str:
+    if url.startswith("sqlite:"):
+        return url.replace("sqlite:", "sqlite+aiosqlite:", 1)
+    return url
+
+
+_ASYNC_ENGINES: dict[str, AsyncEngine] = {}
+
+
+def get_read_engine() -> AsyncEngine:
+    """For the API's hot read paths (auth, job status): async, so no thread hop or GIL convoy
+    under concurrent polling, and autocommit, so a read is one round trip with no BEGIN or
+    ROLLBACK. Never used for writes. Without pre-ping a connection the database dropped fails
+    one request and is then discarded with the rest of the pool."""
+    url = get_settings().resolved_database_url
+    engine = _ASYNC_ENGINES.get(url)
+    if engine is None:
+        if url.startswith("sqlite"):
+            engine = create_async_engine(async_url(url), connect_args={"timeout": 30})
+        else:
+            engine = create_async_engine(url, pool_size=20, max_overflow=20, pool_recycle=600)
+        engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        _ASYNC_ENGINES[url] = engine
+    return engine
+
+
+def read_session_factory() -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(bind=get_read_engine(), expire_on_commit=False)
+
+
+async def dispose_async_engines() -> None:
+    while _ASYNC_ENGINES:
+        _, engine = _ASYNC_ENGINES.popitem()
+        await engine.dispose()

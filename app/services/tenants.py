@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
 from app.core.errors import AuthenticationFailed
@@ -41,7 +43,33 @@ def create_api_key(session: Session, *, tenant_name: str) -> IssuedKey:
     return IssuedKey(tenant=tenant, key=key)
 
 
-def authenticate(session: Session, *, authorization: str | None) -> Tenant:
+class _KeyCache:
+    """Recently seen key hashes -> tenant, so polling clients don't cost a query per request.
+    A revoked key keeps working for at most `ttl` seconds in each API process."""
+
+    def __init__(self, ttl: float = 30.0, size: int = 4096) -> None:
+        self.ttl, self.size = ttl, size
+        self._entries: dict[str, tuple[float, Tenant]] = {}
+
+    def get(self, key_hash: str) -> Tenant | None:
+        entry = self._entries.get(key_hash)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, key_hash: str, tenant: Tenant) -> None:
+        if len(self._entries) >= self.size:
+            self._entries.clear()
+        self._entries[key_hash] = (time.monotonic() + self.ttl, tenant)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+KEY_CACHE = _KeyCache()
+
+
+def _bearer_key_hash(authorization: str | None) -> str:
     if not authorization:
         raise AuthenticationFailed("missing API key: send 'Authorization: Bearer <key>'",
                                    code="missing_api_key", headers={"WWW-Authenticate": "Bearer"})
@@ -49,9 +77,37 @@ def authenticate(session: Session, *, authorization: str | None) -> Tenant:
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise AuthenticationFailed("authorization must be 'Bearer <key>'", headers={"WWW-Authenticate": "Bearer"})
-    record = session.scalar(
-        select(ApiKey).where(ApiKey.key_hash == hash_api_key(token), ApiKey.revoked_at.is_(None))
-    )
+    return hash_api_key(token)
+
+
+def _active_key(key_hash: str):  # noqa: ANN202 — a select() statement
+    return select(ApiKey).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
+
+
+def _accept(record: ApiKey | None, key_hash: str) -> Tenant:
     if record is None:
         raise AuthenticationFailed("invalid API key", headers={"WWW-Authenticate": "Bearer"})
+    KEY_CACHE.put(key_hash, record.tenant)
     return record.tenant
+
+
+def authenticate(session: Session, *, authorization: str | None) -> Tenant:
+    key_hash = _bearer_key_hash(authorization)
+    return KEY_CACHE.get(key_hash) or _accept(session.scalar(_active_key(key_hash)), key_hash)
+
+
+def cached_tenant(authorization: str | None) -> Tenant | None:
+    """The tenant of a recently seen, well-formed key; None means: ask the database."""
+    try:
+        return KEY_CACHE.get(_bearer_key_hash(authorization))
+    except AuthenticationFailed:
+        return None
+
+
+async def authenticate_async(sessions: async_sessionmaker[AsyncSession], *, authorization: str | None) -> Tenant:
+    key_hash = _bearer_key_hash(authorization)
+    cached = KEY_CACHE.get(key_hash)
+    if cached is not None:
+        return cached
+    async with sessions() as session:
+        return _accept(await session.scalar(_active_key(key_hash)), key_hash)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from app.db.models import Job, JobEvent
+from app.schemas.jobs import JobRead
 from app.db.session import session_scope
 from tests.app.helpers import assert_envelope, count_rows, create_job, upload
 from tests.conftest import make_key
@@ -27,6 +28,7 @@ def test_create_job_answers_the_job_object_with_defaults(api):
     assert job["error"] is None and job["fine_tuned_model"] is None and job["finished_at"] is None
     assert job["metadata"] == {"team": "search"} and job["suffix"] == "first"
     assert api.http.get(f"/v1/jobs/{job['id']}", headers=api.headers()).json() == job
+    assert JobRead.model_validate(job).model_dump(mode="json")["id"] == job["id"]
     events = api.http.get(f"/v1/jobs/{job['id']}/events", headers=api.headers()).json()
     assert events["object"] == "list" and events["data"][0]["type"] == "job.created"
     assert set(events["data"][0]) == {"id", "object", "created_at", "level", "type", "message", "data"}

@@ -45,8 +45,9 @@ def list_jobs(session: SessionDep, tenant: TenantDep,
 
 
 @router.get("/{job_id}", response_model=JobRead)
-def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobRead:
-    return service.to_read(service.get_job(session, tenant=tenant, job_id=job_id))
+async def get_job(job_id: str, tenant: TenantDep) -> JSONResponse:
+    # The polling hot path: async, one prepared query, no second validation pass.
+    return JSONResponse(await service.get_job_document(tenant=tenant, job_id=job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobRead)
