@@ -22,7 +22,7 @@ from sqlalchemy import select, update
 
 from app.core.config import get_settings
 from app.db.base import utcnow
-from app.db.models import Job, JobRound, PromptSet
+from app.db.models import Job, JobRound, PromptSet, Tenant
 from app.db.session import session_scope
 from app.schemas.job_spec import JobSpec
 from app.services.events import add_event
@@ -40,6 +40,8 @@ class ClaimedRound:
     spec: JobSpec
     prompts: list[list[dict[str, str]]]
     tenant_id: str
+    tenant_name: str
+    suffix: str | None
 
 
 def claim_round(job_id: str) -> ClaimedRound | None:
@@ -82,9 +84,11 @@ def claim_round(job_id: str) -> ClaimedRound | None:
                               message=f"round {round_no} resumed (attempt {job.attempts})",
                               data={"round": round_no, "attempt": job.attempts})
                 prompt_set = session.get(PromptSet, job.prompt_set_id)
+                tenant = session.get(Tenant, job.tenant_id)
                 claimed = ClaimedRound(job_id=job.id, round=round_no, rounds=job.rounds,
                                        spec=JobSpec.model_validate(job.spec),
-                                       prompts=list(prompt_set.prompts or []), tenant_id=job.tenant_id)
+                                       prompts=list(prompt_set.prompts or []), tenant_id=job.tenant_id,
+                                       tenant_name=tenant.name, suffix=job.suffix)
     if finished_job is not None:
         after_commit_notify(finished_job)
         return None

@@ -1,0 +1,135 @@
+"""A running alignd: the API under uvicorn, a GPU-queue worker and a default-queue worker with the
+scheduler, each its own process, on the session's Postgres and Redis and the tiny models."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Stack:
+    env: dict[str, str]
+    logs: Path
+    port: int = field(default_factory=free_port)
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _spawn(self, name: str, *argv: str) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{name}.log").open("ab")
+        proc = subprocess.Popen([sys.executable, "-m", "alignd.cli", *argv], env=self.env, cwd=ROOT,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.processes[name] = proc
+        return proc
+
+    def start_api(self) -> None:
+        self._spawn("api", "api", "--port", str(self.port))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError(f"API did not start:\n{self.log('api')}")
+
+    def start_gpu_worker(self) -> subprocess.Popen[bytes]:
+        return self._spawn("gpu-worker", "worker", "--queues", "gpu")
+
+    def start_default_worker(self) -> subprocess.Popen[bytes]:
+        return self._spawn("default-worker", "worker", "--queues", "default", "--beat")
+
+    def kill(self, name: str) -> None:
+        """SIGKILL, as the OOM killer or a lost node would: no cleanup, no acknowledgement."""
+        proc = self.processes.pop(name)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        for name in list(self.processes):
+            proc = self.processes.pop(name)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+
+    def log(self, name: str) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace")[-6000:] if path.exists() else ""
+
+    def key(self, tenant: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "alignd.cli", "keys", "create", "--tenant", tenant],
+                             env=self.env, cwd=ROOT, capture_output=True, text=True, check=True)
+        return out.stdout.strip().splitlines()[-1]
+
+
+@dataclass
+class Client:
+    stack: Stack
+    key: str
+
+    def call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        return httpx.request(method, f"{self.stack.url}{path}", headers={"Authorization": f"Bearer {self.key}"},
+                             timeout=30, **kwargs)
+
+    def upload(self, prompts: list[str]) -> dict[str, Any]:
+        data = "\n".join(f'{{"prompt": "{p}"}}' for p in prompts).encode()
+        response = self.call("POST", "/v1/prompt-sets", files={"file": ("prompts.jsonl", data)})
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    def create_job(self, body: dict[str, Any]) -> dict[str, Any]:
+        response = self.call("POST", "/v1/jobs", json=body)
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self.call("GET", f"/v1/jobs/{job_id}").json()
+
+    def wait(self, job_id: str, *, until: Any = None, timeout: float = 600) -> dict[str, Any]:
+        until = until or (lambda j: j["status"] in TERMINAL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.job(job_id)
+            if until(job):
+                return job
+            time.sleep(0.5)
+        raise AssertionError(f"job {job_id} still {self.job(job_id)} after {timeout}s:\n"
+                             f"{self.stack.log('gpu-worker')}")
+
+    def rounds(self, job_id: str) -> list[dict[str, Any]]:
+        return self.call("GET", f"/v1/jobs/{job_id}/rounds").json()["data"]
+
+    def events(self, job_id: str) -> list[dict[str, Any]]:
+        events, after = [], None
+        while True:
+            page = self.call("GET", f"/v1/jobs/{job_id}/events",
+                             params={"limit": 1000, **({"after": after} if after else {})}).json()
+            events += page["data"]
+            if not page["has_more"]:
+                return events
+            after = events[-1]["id"]
