@@ -50,6 +50,7 @@ _PLAIN_ADJECTIVES = (
 _FUNCTION_WORDS = (
     "the", "a", "an", "and", "but", "or", "of", "in", "on", "with", "to", "from", "is", "was", "it",
     "this", "that", "very", "really", "quite", "because", "then", "so", "we", "you", "they", "i",
+    "be", "are", "hello", "hi", "answer", "question", "user", "assistant", "system", "please", "me",
 )
 _QUESTION_STARTS = ("what", "why", "how", "where", "when", "who", "tell", "describe", "explain", "write")
 _PUNCTUATION = (".", ",", "?", "!")
@@ -223,6 +224,7 @@ def _fit(model: Any, steps: int, make_batch: Any, loss_fn: Any, lr: float = 3e-3
     model.eval()
 
 
+PAIRRM_LR = 6e-3
 PAIRRM_RANKER_CONFIG: dict[str, Any] = {
     "ranker_type": "pairranker", "model_type": "deberta", "model_name": "tiny-deberta-v2",
     "cache_dir": None, "load_checkpoint": None, "source_maxlength": 48, "candidate_maxlength": 48,
@@ -232,7 +234,7 @@ PAIRRM_RANKER_CONFIG: dict[str, Any] = {
 }
 
 
-def build_pairrm(out_dir: Path, corpus: list[str], steps: int = 250) -> None:
+def build_pairrm(out_dir: Path, corpus: list[str], steps: int = 300) -> None:
     """Train a tiny PairRM with llm-blender's own ranker and collator classes, save it safely."""
     import torch
     from safetensors.torch import save_file
@@ -288,7 +290,7 @@ def build_pairrm(out_dir: Path, corpus: list[str], steps: int = 250) -> None:
             return self.ranker._forward(**inputs)["logits"]
 
     _fit(_Forward(), steps, lambda: batch(32),
-         lambda logits, y: torch.nn.functional.binary_cross_entropy_with_logits(logits, y))
+         lambda logits, y: torch.nn.functional.binary_cross_entropy_with_logits(logits, y), lr=PAIRRM_LR)
     save_file({k: v.contiguous() for k, v in ranker.state_dict().items()}, str(out_dir / "model.safetensors"))
     for name in ("ranker_config.json", "config.json"):
         (out_dir / name).write_text(json.dumps(PAIRRM_RANKER_CONFIG, indent=1))
@@ -298,12 +300,20 @@ def build_pairrm(out_dir: Path, corpus: list[str], steps: int = 250) -> None:
 
 def build_tiny_models(out_dir: Path) -> TinyModels:
     """Build all tiny models into `out_dir` (deterministic) and return their names."""
+    import torch
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     corpus = _corpus()
-    build_policy(out_dir, corpus)
-    build_scalar_rm(out_dir, corpus)
-    build_pairrm(out_dir / "tiny-pairrm", corpus)
+    threads = torch.get_num_threads()
+    # One thread: the tensors are tiny, and spinning OpenMP workers collapse when the CPU is shared.
+    torch.set_num_threads(1)
+    try:
+        build_policy(out_dir, corpus)
+        build_scalar_rm(out_dir, corpus)
+        build_pairrm(out_dir / "tiny-pairrm", corpus)
+    finally:
+        torch.set_num_threads(threads)
     (out_dir / "TINY_MODELS.json").write_text(json.dumps({"liked_words": list(LIKED_WORDS)}, indent=1))
     return TinyModels(root=out_dir)
 

@@ -1,0 +1,39 @@
+import pytest
+
+from workers.pipeline.pair import PairingConfig, build_pairs, load_pair_stats, load_pairs, save_pairs
+
+PROMPTS = [[{"role": "user", "content": f"q{i}"}] for i in range(4)]
+CANDIDATES = [["a", "b", "c"], ["d", "e", "f"], ["g", "h", "i"], ["j", "k", "l"]]
+SCORES = [[0.1, 0.9, 0.5], [0.2, 0.2, 0.2], [1.0, 0.95, 0.97], [-1.0, 2.0, 0.0]]
+
+
+def test_best_vs_worst_drops_ties_and_small_margins():
+    result = build_pairs(PROMPTS, CANDIDATES, SCORES, PairingConfig(min_margin=0.1))
+    assert [r["prompt_index"] for r in result.rows] == [0, 3]
+    assert result.rows[0]["chosen"] == [{"role": "assistant", "content": "b"}]
+    assert result.rows[0]["rejected"] == [{"role": "assistant", "content": "a"}]
+    assert result.rows[1]["margin"] == pytest.approx(3.0)
+    assert (result.kept, result.dropped_ties, result.dropped_below_margin) == (2, 1, 1)
+
+
+def test_best_vs_random_picks_best_and_another_candidate_reproducibly():
+    config = PairingConfig(strategy="best_vs_random", seed=4)
+    first = build_pairs(PROMPTS, CANDIDATES, SCORES, config)
+    again = build_pairs(PROMPTS, CANDIDATES, SCORES, config)
+    assert first.rows == again.rows
+    for row in first.rows:
+        assert row["score_chosen"] > row["score_rejected"]
+        assert row["chosen"] != row["rejected"]
+    assert first.dropped_ties == 1  # the all-equal prompt
+
+
+def test_pairs_saved_in_trl_conversational_format(tmp_path):
+    result = build_pairs(PROMPTS, CANDIDATES, SCORES, PairingConfig())
+    save_pairs(result, tmp_path / "pairs")
+    dataset = load_pairs(tmp_path / "pairs")
+    assert len(dataset) == 3
+    row = dataset[0]
+    assert row["prompt"] == PROMPTS[0]
+    assert row["chosen"][0]["role"] == "assistant" and row["rejected"][0]["role"] == "assistant"
+    assert {"score_chosen", "score_rejected", "margin"} <= set(dataset.column_names)
+    assert load_pair_stats(tmp_path / "pairs")["pairs_dropped_ties"] == 1
