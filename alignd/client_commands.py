@@ -144,8 +144,9 @@ def jobs_list_cmd(args: argparse.Namespace) -> int:
 
 
 def format_rounds_table(rounds: list[dict[str, Any]]) -> str:
-    columns = [("mean_reward", "mean reward"), ("base_mean_reward", "base reward"), ("win_rate", "win rate"),
-               ("lc_win_rate", "LC win rate"), ("mean_length", "mean length"), ("pairs_kept", "pairs")]
+    columns = [("eval_mean_reward", "mean reward"), ("eval_base_mean_reward", "base reward"),
+               ("eval_win_rate", "win rate"), ("eval_lc_win_rate", "LC win rate"), ("eval_mean_length", "mean length"),
+               ("pairs_kept", "pairs")]
     header = f"{'round':>5}  {'status':<10}" + "".join(f"  {title:>12}" for _, title in columns)
     lines = [header, "-" * len(header)]
     for row in rounds:

@@ -1,0 +1,149 @@
+"""`make demo`: a whole alignment job end to end on the embedded default, on a CPU, in minutes.
+
+Builds the tiny models, starts `alignd up` (SQLite, filesystem broker, API and workers as separate
+processes), creates an API key, uploads a prompt set, runs a 3-round DPO job through the HTTP API
+and prints the per-round table, then shuts everything down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from alignd.client_commands import format_rounds_table
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_DIR = ROOT / ".demo"
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+# Sized for a 2-core CPU: a few seconds per round on the tiny model, strong enough to move it.
+JOB = {
+    "base_model": "tiny-mistral",
+    "reward_model": {"type": "scalar", "model": "tiny-rm"},
+    "rounds": 3,
+    "samples_per_prompt": 4,
+    "eval_fraction": 0.2,
+    "reuse_prompts": True,
+    "generation": {"max_new_tokens": 16, "temperature": 1.0, "top_p": 1.0, "batch_size": 32},
+    "training": {"learning_rate": 1e-2, "epochs": 3, "batch_size": 8, "max_length": 96, "max_prompt_length": 48,
+                 "warmup_ratio": 0.0, "lr_scheduler_type": "constant", "lora": {"r": 8, "alpha": 16}},
+    "algorithm": {"type": "dpo", "beta": 0.1},
+    "suffix": "demo",
+}
+
+
+def say(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_models() -> Path:
+    from workers.tiny_models import build_tiny_models
+
+    models = DEMO_DIR / "models"
+    if not (models / "TINY_MODELS.json").exists():
+        say("building the tiny models (Mistral-architecture policy, scalar reward model, PairRM)")
+        build_tiny_models(models)
+    return models
+
+
+def cli(env: dict[str, str], *args: str) -> str:
+    return subprocess.run([sys.executable, "-m", "alignd.cli", *args], env=env, cwd=ROOT, check=True,
+                          capture_output=True, text=True).stdout
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit("alignd up exited early; see .demo/alignd.log")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit("alignd did not become ready; see .demo/alignd.log")
+
+
+def run_job(api: httpx.Client) -> dict:
+    from workers.tiny_models import synthetic_prompts
+
+    prompts = "\n".join(json.dumps({"prompt": p[-1]["content"]}) for p in synthetic_prompts(96, seed=0))
+    say("uploading a prompt set of 96 prompts")
+    prompt_set = api.post("/v1/prompt-sets", files={"file": ("prompts.jsonl", prompts.encode())},
+                          data={"name": "demo-prompts"}).raise_for_status().json()
+    print(f"{prompt_set['id']}: {prompt_set['num_prompts']} prompts, sha256 {prompt_set['sha256'][:12]}...")
+    say("creating a 3-round iterative DPO job (scalar reward model)")
+    job = api.post("/v1/jobs", json={**JOB, "prompt_set": prompt_set["id"]}).raise_for_status().json()
+    print(f"{job['id']}: {job['status']}")
+    say("following the job's events")
+    with api.stream("GET", f"/v1/jobs/{job['id']}/events", params={"stream": "true"},
+                    timeout=httpx.Timeout(30, read=None)) as stream:
+        kind = None
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: ") and kind == "job.event":
+                event = json.loads(line[6:])
+                if event["type"].startswith(("job.", "round.started", "round.completed")):
+                    print(f"  {event['created_at'][11:19]}  {event['type']:<18} {event['message']}", flush=True)
+            elif kind == "end":
+                break
+    return api.get(f"/v1/jobs/{job['id']}").raise_for_status().json()
+
+
+def main() -> int:
+    models = build_models()
+    home = DEMO_DIR / "home"
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    port = free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("ALIGND_")},
+           "ALIGND_HOME": str(home), "ALIGND_MODEL_ROOT": str(models), "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONUNBUFFERED": "1"}
+    url = f"http://127.0.0.1:{port}"
+    say(f"starting `alignd up` on {url} (SQLite, filesystem broker, API + workers); log: .demo/alignd.log")
+    log = (DEMO_DIR / "alignd.log").open("wb")
+    up = subprocess.Popen([sys.executable, "-m", "alignd.cli", "up", "--port", str(port)], env=env, cwd=ROOT,
+                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_healthy(url, up)
+        key = cli(env, "keys", "create", "--tenant", "demo").strip().splitlines()[-1]
+        api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        job = run_job(api)
+        rounds = api.get(f"/v1/jobs/{job['id']}/rounds").raise_for_status().json()["data"]
+        say(f"job {job['status']}: per-round held-out evaluation against the base model")
+        print(format_rounds_table(rounds))
+        if job["status"] != "succeeded":
+            print(f"error: {job['error']}")
+            return 1
+        print(f"\naligned model: {job['fine_tuned_model']}")
+        return 0
+    finally:
+        say("shutting down")
+        os.killpg(up.pid, signal.SIGTERM)
+        try:
+            up.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
+        print("stopped.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
