@@ -6,6 +6,7 @@ from app.queue import make_celery
 
 celery_app = make_celery()
 celery_app.conf.include = [
+    "workers.liveness",
     "workers.tasks.validate",
     "workers.tasks.rounds",
     "workers.tasks.webhooks",

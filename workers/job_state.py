@@ -27,6 +27,7 @@ from app.db.session import session_scope
 from app.schemas.job_spec import JobSpec
 from app.services.events import add_event
 from app.services.job_lifecycle import after_commit_notify, finish_job
+from workers.liveness import touch_heartbeat
 
 log = logging.getLogger("alignd.worker")
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -141,6 +142,7 @@ class JobMonitor:
                 log.exception("heartbeat for %s failed", self.claim.job_id)
 
     def beat_once(self) -> None:
+        touch_heartbeat()
         with session_scope() as session:
             result = session.execute(update(Job).where(Job.id == self.claim.job_id, Job.worker_id == WORKER_ID)
                                      .values(heartbeat_at=utcnow()))
@@ -199,6 +201,21 @@ def record_round_success(claim: ClaimedRound, metrics: dict[str, Any], model_pat
         after_commit_notify(job_to_notify)
         return None
     return next_queue
+
+
+def release_round(claim: ClaimedRound, reason: str) -> str | None:
+    """Hand an unfinished round back (the worker is shutting down): not a failed attempt. Returns
+    the queue to send the job to, or None if another worker already owns it."""
+    with session_scope() as session:
+        job = session.scalar(select(Job).where(Job.id == claim.job_id).with_for_update())
+        if job is None or job.worker_id != WORKER_ID:
+            return None
+        job.worker_id = None
+        job.attempts = max(0, job.attempts - 1)
+        job.heartbeat_at = utcnow()
+        add_event(session, job_id=job.id, type="round.released", level="warning",
+                  message=f"round {claim.round} handed back to the queue: {reason}", data={"round": claim.round})
+        return job.queue
 
 
 def record_round_end(claim: ClaimedRound, status: str, *, error_code: str | None = None,

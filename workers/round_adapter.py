@@ -14,10 +14,15 @@ from typing import Any
 from app.core.config import Settings
 from workers.errors import JobCancelled
 from workers.job_state import ClaimedRound, JobMonitor, LeaseLost
+from workers.liveness import draining
 from workers.pipeline.hooks import RoundHooks
 from workers.pipeline.round import RoundContext, run_round
 
 CANCEL_CHECK_INTERVAL_S = 1.0
+
+
+class WorkerDraining(Exception):
+    """The worker is shutting down: stop at this batch boundary and hand the round back."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,8 @@ def make_hooks(monitor: JobMonitor) -> RoundHooks:
             raise LeaseLost(monitor.claim.job_id)
         if monitor.cancelled.is_set():
             raise JobCancelled("the job was cancelled")
+        if draining():
+            raise WorkerDraining("the worker is shutting down")
 
     def emit_event(level: str, type_: str, message: str, data: dict[str, Any]) -> None:
         monitor.emit_event(level, f"round.{type_}", message, data)

@@ -66,6 +66,14 @@ class Stack:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
 
+    def terminate(self, name: str, timeout: float = 60) -> float:
+        """SIGTERM (Celery's warm shutdown, as Kubernetes stops a pod); returns seconds to exit."""
+        proc = self.processes.pop(name)
+        started = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+        return time.monotonic() - started
+
     def stop(self) -> None:
         for name in list(self.processes):
             proc = self.processes.pop(name)

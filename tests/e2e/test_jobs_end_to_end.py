@@ -4,6 +4,7 @@ Redis, on the tiny models: learning, PairRM, SIGKILL-and-resume, cancel, bad mod
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -99,6 +100,25 @@ def test_sigkill_mid_round_resumes_and_finishes(client, stack):
     types = [e["type"] for e in client.events(job["id"])]
     assert "job.requeued" in types and "round.resumed" in types
     assert all(r["metrics"]["round"] == r["round"] for r in rounds)
+
+
+def test_sigterm_drains_the_round_back_to_the_queue(client, stack):
+    heartbeat = Path(stack.env["ALIGND_HOME"]) / "worker-heartbeat"
+    prompt_set = client.upload(prompts(96, seed=5))
+    body = job_body(prompt_set["id"], {"type": "scalar", "model": "tiny-rm"}, rounds=1)
+    body["training"] = {**body["training"], "epochs": 30}  # a train stage far longer than the drain
+    job = client.create_job(body)
+    client.wait(job["id"], until=lambda j: j["progress"]["phase"] == "train", timeout=300)
+    assert time.time() - heartbeat.stat().st_mtime < 10  # the job heartbeat keeps the probe file fresh
+    assert stack.terminate("gpu-worker") < 30  # warm shutdown, not the whole training stage
+    job = client.job(job["id"])
+    assert job["status"] == "running"
+    types = [e["type"] for e in client.events(job["id"])]
+    assert "round.released" in types and "job.failed" not in types
+    stack.start_gpu_worker()
+    job = client.wait(job["id"])
+    assert job["status"] == "succeeded", job
+    assert "round.resumed" in [e["type"] for e in client.events(job["id"])]
 
 
 @pytest.mark.parametrize(("reward", "base", "code"), [

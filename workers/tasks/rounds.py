@@ -16,8 +16,9 @@ from workers.job_state import (
     claim_round,
     record_round_end,
     record_round_success,
+    release_round,
 )
-from workers.round_adapter import execute_round
+from workers.round_adapter import WorkerDraining, execute_round
 
 log = logging.getLogger("alignd.worker")
 
@@ -32,6 +33,11 @@ def run_round(job_id: str) -> None:
             outcome = execute_round(claim, monitor, get_settings())
     except LeaseLost:
         log.warning("job %s was taken over by another worker; leaving it", job_id)
+        return
+    except WorkerDraining as exc:
+        target = release_round(claim, str(exc))
+        if target is not None:
+            queue.send(queue.TASK_RUN_ROUND, [job_id], queue=target)
         return
     except JobCancelled:
         _end(claim, "cancelled")
