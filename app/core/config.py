@@ -13,8 +13,6 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-_DEV_WEBHOOK_SECRET = "dev-webhook-signing-secret"
-
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ALIGND_", env_file=".env", extra="ignore")
@@ -30,6 +28,19 @@ class Settings(BaseSettings):
     api_url: str = Field("http://127.0.0.1:8000", description="Where the CLI client finds the API")
     api_key: str | None = Field(None, description="The CLI client's bearer key")
     model_server_url: str = Field("http://127.0.0.1:8100", description="Embedded model server")
+
+    # Serving fine-tuned models (GET /v1/models, /v1/chat/completions, /v1/completions, generate).
+    # Base model name -> URL of the vLLM OpenAI server for it (`alignd vllm --base-model NAME`);
+    # adapters of jobs on that base are loaded into it at run time. A full fine-tune's own name may
+    # also be a key (its own `vllm serve`). Models without an entry go to the embedded server.
+    vllm_base_urls: dict[str, str] = Field(default_factory=dict,
+                                           description='JSON, e.g. {"org/base": "http://vllm:8000"}')
+    vllm_max_loras: int = Field(8, ge=1, description="vLLM --max-loras: adapters in one batch")
+    vllm_max_lora_rank: int = Field(64, ge=1, description="vLLM --max-lora-rank: largest servable rank")
+    model_request_timeout_s: float = Field(600.0, gt=0, description="Read timeout of a proxied request")
+    best_of_max: int = Field(16, ge=2, description="Largest best_of a request may ask for")
+    rerank_timeout_s: float = Field(120.0, gt=0, description="How long the API waits for a rerank")
+    model_server_cache_size: int = Field(4, ge=1, description="Models the embedded server keeps loaded")
 
     max_upload_bytes: int = 50 * 1024 * 1024
     max_json_body_bytes: int = 1024 * 1024
@@ -49,7 +60,6 @@ class Settings(BaseSettings):
 
     webhook_max_retries: int = 8
     webhook_timeout_s: float = 10.0
-    webhook_secret_fallback: str = _DEV_WEBHOOK_SECRET
 
     @model_validator(mode="after")
     def _refuse_dev_defaults_in_production(self) -> Settings:

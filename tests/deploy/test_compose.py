@@ -217,4 +217,4 @@ def test_env_example_lists_every_variable_and_no_secret() -> None:
     example = dict(line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines()
                    if line and not line.startswith("#"))
     assert used == set(example), f"undocumented: {used - set(example)}, unused: {set(example) - used}"
-    assert example["POSTGRES_PASSWORD"] == example["ALIGND_WEBHOOK_SECRET_FALLBACK"] == ""
+    assert example["POSTGRES_PASSWORD"] == ""
