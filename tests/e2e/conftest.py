@@ -9,7 +9,7 @@ import redis
 from tests.e2e.stack import Client, Stack
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def stack(postgres_database, tiny_models, tmp_path_factory) -> Iterator[Stack]:
     home = tmp_path_factory.mktemp("stack")
     env = {
@@ -35,6 +35,6 @@ def stack(postgres_database, tiny_models, tmp_path_factory) -> Iterator[Stack]:
     s.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def client(stack: Stack) -> Client:
     return Client(stack, stack.key("e2e"))

@@ -60,6 +60,22 @@ class Stack:
     def start_default_worker(self) -> subprocess.Popen[bytes]:
         return self._spawn("default-worker", "worker", "--queues", "default", "--beat")
 
+    def start_rerank_worker(self) -> subprocess.Popen[bytes]:
+        return self._spawn("rerank-worker", "worker", "--queues", "rerank")
+
+    def start_model_server(self) -> None:
+        """The embedded model server, on the port of the stack's ALIGND_MODEL_SERVER_URL."""
+        url = self.env["ALIGND_MODEL_SERVER_URL"]
+        self._spawn("model-server", "model-server")
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError(f"model server did not start:\n{self.log('model-server')}")
+
     def kill(self, name: str) -> None:
         """SIGKILL, as the OOM killer or a lost node would: no cleanup, no acknowledgement."""
         proc = self.processes.pop(name)
