@@ -50,14 +50,14 @@ class Backend:
         return env
 
 
-def _create_pg_database() -> tuple[str, str]:
+def create_pg_database() -> tuple[str, str]:
     name = f"alignd_test_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     return name, PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}"
 
 
-def _drop_pg_database(name: str) -> None:
+def drop_pg_database(name: str) -> None:
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
@@ -65,7 +65,7 @@ def _drop_pg_database(name: str) -> None:
 @pytest.fixture(scope="session")
 def postgres_database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
     """One migrated Postgres database and one Redis db index for the session."""
-    name, url = _create_pg_database()
+    name, url = create_pg_database()
     db_index = 1 + (os.getpid() % 15)
     broker = f"{REDIS_URL}/{db_index}"
     redis.Redis.from_url(broker).flushdb()
@@ -76,7 +76,7 @@ def postgres_database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Back
         upgrade()
     yield backend
     reset_caches()
-    _drop_pg_database(name)
+    drop_pg_database(name)
 
 
 @pytest.fixture(scope="session")

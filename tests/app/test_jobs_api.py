@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 
 from app.db.models import Job, JobEvent
-from app.schemas.jobs import JobRead
 from app.db.session import session_scope
+from app.schemas.jobs import JobRead
 from tests.app.helpers import assert_envelope, count_rows, create_job, upload
 from tests.conftest import make_key
 

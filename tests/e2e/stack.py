@@ -43,6 +43,10 @@ class Stack:
         self.processes[name] = proc
         return proc
 
+    def migrate(self) -> None:
+        subprocess.run([sys.executable, "-m", "alignd.cli", "db", "upgrade"], env=self.env, cwd=ROOT, check=True,
+                       capture_output=True)
+
     def start_api(self) -> None:
         self._spawn("api", "api", "--port", str(self.port))
         deadline = time.monotonic() + 60
