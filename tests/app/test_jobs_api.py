@@ -109,6 +109,11 @@ def test_event_stream_ends_when_the_job_ends(api):
         text = "".join(response.iter_text())
     assert text.count("event: job.event") == 2
     assert 'event: end\ndata: {"status": "cancelled"}' in text
+    first_id = text.split("id: ", 1)[1].split("\n", 1)[0]
+    with api.http.stream("GET", f"/v1/jobs/{job['id']}/events", params={"stream": "true"},
+                         headers=api.headers(**{"Last-Event-ID": first_id})) as response:
+        resumed = "".join(response.iter_text())
+    assert resumed.count("event: job.event") == 1 and f"id: {first_id}\n" not in resumed
 
 
 def test_rounds_list_is_empty_before_the_job_runs(api):

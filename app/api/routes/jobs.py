@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.api.deps import IdempotencyKeyDep, SessionDep, TenantDep
@@ -63,9 +63,13 @@ def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobRead:
 def job_events(job_id: str, session: SessionDep, tenant: TenantDep,
                after: Annotated[int | None, Query(ge=0, le=2**62)] = None,
                limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-               stream: bool = False):
+               stream: bool = False,
+               last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=20)] = None):
     job = service.get_job(session, tenant=tenant, job_id=job_id)
     if stream:
+        # A reconnecting EventSource sends the id of the last event it saw: resume after it.
+        if after is None and last_event_id and last_event_id.isdigit():
+            after = int(last_event_id)
         return StreamingResponse(stream_events(job.id, after=after), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     events, has_more = list_events(session, job_id=job.id, after=after, limit=limit)
