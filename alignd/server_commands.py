@@ -1,4 +1,4 @@
-"""Commands that run alignd's processes: api, worker, up, db upgrade, keys create."""
+"""Commands that run alignd's processes: api, worker, model-server, vllm, up, db upgrade, keys create."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from app.core.config import get_settings
 
 GPU_WORKER_QUEUES = "gpu"
 DEFAULT_WORKER_QUEUES = "default"
+RERANK_WORKER_QUEUES = "rerank"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,10 +25,29 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     worker = sub.add_parser("worker", help="run a Celery worker")
     worker.add_argument("--queues", default="gpu,default",
-                        help="comma-separated: gpu, gpu-a100, gpu-h200, default (default: gpu,default)")
+                        help="comma-separated: gpu, gpu-a100, gpu-h200, default, rerank (default: gpu,default)")
     worker.add_argument("--concurrency", type=int, default=1)
     worker.add_argument("--beat", action="store_true", help="also run the housekeeping scheduler")
     worker.set_defaults(handler=run_worker)
+
+    model_server = sub.add_parser("model-server", help="serve fine-tuned models with transformers (embedded backend)")
+    model_server.add_argument("--host", default=None, help="default: the host of ALIGND_MODEL_SERVER_URL")
+    model_server.add_argument("--port", type=int, default=None, help="default: the port of ALIGND_MODEL_SERVER_URL")
+    model_server.add_argument("--threads", type=int, default=1,
+                              help="torch CPU threads (default 1: fastest for small models on a shared CPU)")
+    model_server.set_defaults(handler=run_model_server)
+
+    vllm = sub.add_parser("vllm", help="start vLLM's OpenAI server for a base model (multi-LoRA) or a full "
+                                       "fine-tune")
+    target = vllm.add_mutually_exclusive_group(required=True)
+    target.add_argument("--base-model", help="a base model name as jobs give it; serves its jobs' adapters")
+    target.add_argument("--model", help="a full fine-tune's name (ft:...), served as its own model")
+    vllm.add_argument("--host", default="127.0.0.1")
+    vllm.add_argument("--port", type=int, default=8000)
+    vllm.add_argument("--vllm", default="vllm", help="the vllm executable (e.g. /opt/vllm/bin/vllm)")
+    vllm.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    vllm.add_argument("extra", nargs=argparse.REMAINDER, help="further vllm serve flags, after --")
+    vllm.set_defaults(handler=run_vllm)
 
     up = sub.add_parser("up", help="run everything (database, API, workers) on embedded defaults")
     up.add_argument("--host", default="127.0.0.1")
@@ -72,6 +92,57 @@ def run_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_model_server(args: argparse.Namespace) -> int:
+    from urllib.parse import urlsplit
+
+    import torch
+    import uvicorn
+
+    configured = urlsplit(get_settings().model_server_url)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    uvicorn.run("workers.serving.server:create_app", factory=True, host=args.host or configured.hostname,
+                port=args.port or configured.port or 8100, log_level="info", access_log=False)
+    return 0
+
+
+def run_vllm(args: argparse.Namespace) -> int:
+    from app.core.errors import AlignError
+    from app.core.model_names import ModelNameError, resolve_model_name
+    from app.db.session import session_scope
+    from app.services.served_models import ensure_registered
+    from workers.serving.vllm import VllmServer, environment
+
+    settings = get_settings()
+    if args.base_model:
+        try:
+            location = resolve_model_name(args.base_model, settings.resolved_model_root).location
+        except ModelNameError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        server = VllmServer(model_location=location, served_name=args.base_model, lora=True)
+    else:
+        try:
+            with session_scope() as session:
+                served = ensure_registered(session, name=args.model, tenant_id=None)
+        except AlignError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            return 2
+        if served.is_adapter:
+            print(f"{args.model} is a LoRA adapter: start vLLM for its base ({served.base_model}) instead",
+                  file=sys.stderr)
+            return 2
+        server = VllmServer(model_location=served.model_path, served_name=args.model, lora=False)
+    template = server.fallback_chat_template(settings.home / "vllm" / "templates")
+    extra = [a for a in args.extra if a != "--"]
+    argv = server.command(settings, host=args.host, port=args.port, vllm=args.vllm, chat_template=template,
+                          extra=extra)
+    if args.dry_run:
+        print(" ".join(argv))
+        return 0
+    os.execvpe(argv[0], argv, {**os.environ, **environment()})
+
+
 def run_db_upgrade(args: argparse.Namespace) -> int:
     from app.db.migrate import upgrade
 
@@ -98,7 +169,8 @@ def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    """API, a GPU-queue worker and a default-queue worker with the scheduler, until interrupted."""
+    """API, a GPU-queue worker, a default-queue worker with the scheduler, the embedded model server
+    and a rerank worker (best-of-N), until interrupted."""
     from app.db.migrate import upgrade
 
     upgrade()
@@ -106,6 +178,8 @@ def run_up(args: argparse.Namespace) -> int:
         _spawn(["api", "--host", args.host, "--port", str(args.port)]),
         _spawn(["worker", "--queues", GPU_WORKER_QUEUES]),
         _spawn(["worker", "--queues", DEFAULT_WORKER_QUEUES, "--beat"]),
+        _spawn(["model-server"]),
+        _spawn(["worker", "--queues", RERANK_WORKER_QUEUES]),
     ]
     stopping = False
 

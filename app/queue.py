@@ -15,12 +15,16 @@ from app.core.config import Settings, get_settings
 
 GPU_QUEUES = ("gpu", "gpu-a100", "gpu-h200")
 DEFAULT_QUEUE = "default"
+# Best-of-N reranking with reward models: its own queue so a request never waits behind a job round.
+RERANK_QUEUE = "rerank"
 
 TASK_VALIDATE_JOB = "alignd.validate_job"
 TASK_RUN_ROUND = "alignd.run_round"
 TASK_DELIVER_WEBHOOK = "alignd.deliver_webhook"
 TASK_REQUEUE_STALE = "alignd.requeue_stale_jobs"
 TASK_PURGE_IDEMPOTENCY = "alignd.purge_idempotency_keys"
+TASK_RERANK = "alignd.rerank"
+TASK_PURGE_RERANK_REQUESTS = "alignd.purge_rerank_requests"
 
 
 def broker_options(settings: Settings) -> dict[str, object]:
@@ -55,16 +59,19 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_reject_on_worker_lost=False,
         worker_prefetch_multiplier=1,
         task_default_queue=DEFAULT_QUEUE,
-        task_queues=[Queue(DEFAULT_QUEUE)] + [Queue(q) for q in GPU_QUEUES],
+        task_queues=[Queue(DEFAULT_QUEUE)] + [Queue(q) for q in GPU_QUEUES] + [Queue(RERANK_QUEUE)],
         task_routes={
             TASK_VALIDATE_JOB: {"queue": DEFAULT_QUEUE},
             TASK_DELIVER_WEBHOOK: {"queue": DEFAULT_QUEUE},
             TASK_REQUEUE_STALE: {"queue": DEFAULT_QUEUE},
             TASK_PURGE_IDEMPOTENCY: {"queue": DEFAULT_QUEUE},
+            TASK_RERANK: {"queue": RERANK_QUEUE},
+            TASK_PURGE_RERANK_REQUESTS: {"queue": DEFAULT_QUEUE},
         },
         beat_schedule={
             "requeue-stale-jobs": {"task": TASK_REQUEUE_STALE, "schedule": settings.requeue_interval_s},
             "purge-idempotency-keys": {"task": TASK_PURGE_IDEMPOTENCY, "schedule": 3600.0},
+            "purge-rerank-requests": {"task": TASK_PURGE_RERANK_REQUESTS, "schedule": 3600.0},
         },
         worker_hijack_root_logger=False,
         worker_enable_remote_control=not settings.resolved_broker_url.startswith("filesystem"),

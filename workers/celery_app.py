@@ -11,4 +11,5 @@ celery_app.conf.include = [
     "workers.tasks.rounds",
     "workers.tasks.webhooks",
     "workers.tasks.housekeeping",
+    "workers.tasks.rerank",
 ]

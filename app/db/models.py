@@ -121,3 +121,39 @@ class IdempotencyRecord(Base):
     response_body: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class ServedModel(Base):
+    """A succeeded job's model as the serving layer sees it: name -> base model + adapter or full model.
+
+    Registered on first use (by the API or the embedded model server) from the job and its last
+    round; never written by users, so a served path always comes from the artifact store."""
+
+    __tablename__ = "served_models"
+
+    name: Mapped[str] = mapped_column(String(300), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
+    base_model: Mapped[str] = mapped_column(String(200))
+    model_path: Mapped[str] = mapped_column(Text)
+    is_adapter: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class RerankRequest(Base):
+    """Best-of-N candidates waiting for the job's reward model: the API writes the row and polls it,
+    the `alignd.rerank` task (rerank queue) fills in the scores. Purged after an hour."""
+
+    __tablename__ = "rerank_requests"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    # A chat prompt (list of messages) or raw prompt text.
+    prompt: Mapped[Any] = mapped_column(JSON)
+    candidates: Mapped[list[str]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    scores: Mapped[list[float] | None] = mapped_column(JSON, nullable=True)
+    error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

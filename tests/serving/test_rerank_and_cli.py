@@ -1,0 +1,83 @@
+"""Pieces of serving that need no running stack: what a reward model scores against, the rank
+order of candidates, the protocol checks, and the vLLM command `alignd vllm` runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from app.schemas.inference import ChatCompletionRequest, CompletionRequest, GenerateParameters
+from app.services.rerank import ranked
+from workers.serving.rerank import prompt_messages
+
+
+def test_inst_text_is_split_back_into_turns_for_the_reward_model():
+    assert prompt_messages("[INST] Recommend me some Hollywood movies [/INST]") == [
+        {"role": "user", "content": "Recommend me some Hollywood movies"}]
+    assert prompt_messages("<s>[INST] hi [/INST] hello there</s>[INST] and movies? [/INST]") == [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"},
+        {"role": "user", "content": "and movies?"}]
+    assert prompt_messages("plain text") == [{"role": "user", "content": "plain text"}]
+    chat = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "partial"}]
+    assert prompt_messages(chat) == chat[:2]
+
+
+def test_candidates_rank_best_first_and_ties_keep_sampling_order():
+    assert ranked([0.1, 0.9, 0.5, 0.9], 3) == [1, 3, 2]
+    assert ranked([1.0], 1) == [0]
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"best_of": 4}, "best_of needs rerank"),
+    ({"rerank": True}, "rerank needs best_of"),
+    ({"best_of": 2, "rerank": True, "n": 3}, "n must not exceed best_of"),
+])
+def test_best_of_needs_rerank_and_room_for_n(body, message):
+    with pytest.raises(ValidationError, match=message):
+        ChatCompletionRequest.model_validate({"model": "ft:x", "messages": [{"role": "user", "content": "hi"}],
+                                              **body})
+    with pytest.raises(ValidationError, match="one text prompt"):
+        CompletionRequest.model_validate({"model": "ft:x", "prompt": ["a", "b"], "best_of": 2, "rerank": True})
+
+
+def test_openai_bodies_pass_through_without_alignds_fields():
+    request = ChatCompletionRequest.model_validate({
+        "model": "ft:x", "messages": [{"role": "user", "content": "hi"}], "best_of": 3, "rerank": True,
+        "temperature": 0.3, "logit_bias": {"5": 1}})
+    assert request.backend_body() == {"model": "ft:x", "messages": [{"role": "user", "content": "hi"}],
+                                      "temperature": 0.3, "logit_bias": {"5": 1}}
+    assert GenerateParameters(temperature=0.7).sampling and not GenerateParameters().sampling
+    assert not GenerateParameters(temperature=0.0, top_p=0.5, do_sample=True).sampling
+
+
+def test_alignd_vllm_command_for_a_base_model(tmp_path):
+    model = tmp_path / "models" / "org" / "base-7b"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>"}))  # no chat template
+    env = {"ALIGND_HOME": str(tmp_path / "home"), "ALIGND_MODEL_ROOT": str(tmp_path / "models"),
+           "ALIGND_VLLM_MAX_LORAS": "6", "ALIGND_VLLM_MAX_LORA_RANK": "32", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-m", "alignd.cli", "vllm", "--base-model", "org/base-7b", "--port",
+                             "8011", "--dry-run", "--", "--max-model-len", "4096"], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    argv = result.stdout.split()
+    assert argv[:3] == ["vllm", "serve", str(model)]
+
+    def flag(name: str) -> str:
+        return argv[argv.index(name) + 1]
+
+    assert flag("--served-model-name") == "org/base-7b" and flag("--port") == "8011"
+    assert flag("--load-format") == "safetensors" and flag("--max-model-len") == "4096"
+    assert "--enable-lora" in argv and flag("--max-loras") == "6" and flag("--max-lora-rank") == "32"
+    assert "--trust-remote-code" not in argv
+    template = flag("--chat-template")
+    assert "[INST]" in open(template).read()
+    refused = subprocess.run([sys.executable, "-m", "alignd.cli", "vllm", "--base-model", "../etc", "--dry-run"],
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "error" in refused.stderr

@@ -1,0 +1,77 @@
+"""Best-of-N reranking: score a prompt's N candidate answers with a job's reward model.
+
+Reward models are loaded with the pipeline's loader (`workers.pipeline.score`) and kept: a rerank
+worker answers many requests for the same few jobs. Scores are the pipeline's own: the scalar
+reward, or PairRM's bias-cancelled mean pairwise logit over the other candidates.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from workers.pipeline.prompts import Messages
+from workers.pipeline.score import RewardModel, RewardModelSpec, load_reward_model
+
+_INST = re.compile(r"\[INST\](.*?)\[/INST\]", re.DOTALL)
+_SPECIALS = re.compile(r"</?s>")
+
+
+def prompt_messages(prompt: Any) -> Messages:
+    """The conversation a reward model scores against: chat messages as sent (up to the last user
+    turn), or raw text in Mistral's `[INST] ... [/INST]` format split back into turns (the reward
+    model renders them with its own template), or other text as one user turn."""
+    if isinstance(prompt, list):
+        messages = [{"role": m["role"], "content": m["content"]} for m in prompt
+                    if m.get("role") in ("system", "user", "assistant")]
+        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+        if last_user >= 0:
+            return messages[:last_user + 1]
+        return [{"role": "user", "content": "\n\n".join(m["content"] for m in messages)}]
+    text = str(prompt)
+    turns = list(_INST.finditer(text))
+    if not turns:
+        return [{"role": "user", "content": _SPECIALS.sub("", text).strip()}]
+    messages: Messages = []
+    for i, turn in enumerate(turns):
+        messages.append({"role": "user", "content": turn.group(1).strip()})
+        following = text[turn.end():turns[i + 1].start()] if i + 1 < len(turns) else ""
+        answer = _SPECIALS.sub("", following).strip()
+        if answer:
+            messages.append({"role": "assistant", "content": answer})
+    while messages and messages[-1]["role"] != "user":
+        messages.pop()
+    return messages
+
+
+class RewardModelCache:
+    def __init__(self, size: int = 2) -> None:
+        self.size = size
+        self._models: OrderedDict[RewardModelSpec, RewardModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, spec: RewardModelSpec, model_root: Path) -> RewardModel:
+        with self._lock:
+            if spec in self._models:
+                self._models.move_to_end(spec)
+                return self._models[spec]
+            model = load_reward_model(spec, model_root)
+            self._models[spec] = model
+            while len(self._models) > self.size:
+                self._models.popitem(last=False)
+            return model
+
+
+REWARD_MODELS = RewardModelCache()
+# One scoring at a time per process: a fast tokenizer shared across threads can fail ("Already
+# borrowed") and two forwards would only compete for the same cores.
+_SCORING = threading.Lock()
+
+
+def score_candidates(spec: RewardModelSpec, model_root: Path, prompt: Any, candidates: list[str]) -> list[float]:
+    reward_model = REWARD_MODELS.get(spec, model_root)
+    with _SCORING:
+        return list(reward_model.score_candidates([prompt_messages(prompt)], [candidates]).scores[0])
