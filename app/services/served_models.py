@@ -5,7 +5,7 @@ segment names the job, so a model that is still training can be told apart from 
 existed: the first answers 409 with the job's status, the second 404 (as does another tenant's).
 
 The first time a succeeded job's model is used, a `served_models` row is registered from the job
-and its last round (the adapter or full model the worker wrote). The API and the embedded model
+and its served round (the adapter or full model the worker wrote). The API and the embedded model
 server both call `ensure_registered`, so whichever sees the model first registers it, once.
 """
 
@@ -85,16 +85,27 @@ def _check_job(job: Job | None, name: str) -> Job:
     return job
 
 
+def served_round(session: Session, job: Job) -> JobRound | None:
+    """The round whose model the job serves: the one marked `selected` in its metrics (the job's
+    `selection` rule), else the last round that produced a model (early stopping may end a job
+    before `rounds`)."""
+    rounds = list(session.scalars(select(JobRound).where(
+        JobRound.job_id == job.id, JobRound.status == "succeeded", JobRound.model_path.is_not(None))
+        .order_by(JobRound.round)))
+    selected = [r for r in rounds if (r.metrics or {}).get("selected")]
+    return (selected or rounds or [None])[-1]
+
+
 def register(session: Session, job: Job) -> ServedModel:
     """The served-model row of a succeeded job, created if missing (safe against a concurrent twin)."""
     existing = session.scalar(select(ServedModel).where(ServedModel.job_id == job.id))
     if existing is not None:
         return existing
-    last_round = session.get(JobRound, (job.id, job.rounds))
-    if last_round is None or not last_round.model_path:
+    chosen = served_round(session, job)
+    if chosen is None:
         raise Conflict(f"job {job.id} succeeded but recorded no model", param="model", code="model_missing")
     row = ServedModel(name=job.fine_tuned_model, tenant_id=job.tenant_id, job_id=job.id,
-                      base_model=job.base_model, model_path=last_round.model_path,
+                      base_model=job.base_model, model_path=chosen.model_path,
                       # The pipeline's rule: LoRA training writes an adapter, full training a model.
                       is_adapter=(job.spec.get("training") or {}).get("method", "lora") == "lora")
     try:
