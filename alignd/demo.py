@@ -2,7 +2,8 @@
 
 Builds the tiny models, starts `alignd up` (SQLite, filesystem broker, API and workers as separate
 processes), creates an API key, uploads a prompt set, runs a 3-round DPO job through the HTTP API
-and prints the per-round table, then shuts everything down.
+and prints the per-round table, then queries the aligned model (the Hugging Face `[INST]` endpoint
+and the `openai` client, best-of-N included) and shuts everything down.
 """
 
 from __future__ import annotations
@@ -107,6 +108,47 @@ def run_job(api: httpx.Client) -> dict:
     return api.get(f"/v1/jobs/{job['id']}").raise_for_status().json()
 
 
+# -- Serving: the aligned model answers at once, Hugging Face style and through the openai client --
+
+QUESTION = "what the small cat sees ?"  # the tiny model's synthetic English
+
+
+def _until_served(send, timeout: float = 120) -> httpx.Response:  # noqa: ANN001 — a zero-argument request
+    """The first request may reach the model server while `alignd up` is still starting it (503)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        response = send()
+        if response.status_code != 503 or time.monotonic() > deadline:
+            return response.raise_for_status()
+        time.sleep(1)
+
+
+def query_aligned_model(url: str, key: str, model: str) -> None:
+    import openai
+
+    api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+    inputs = f"[INST] {QUESTION} [/INST]"
+    say("querying the aligned model: POST /v1/models/{model}/generate with [INST] text (one BOS, no template)")
+    answer = _until_served(lambda: api.post(f"/v1/models/{model}/generate", json={
+        "inputs": inputs, "parameters": {"max_new_tokens": 16, "temperature": 0.7, "top_p": 0.9}})).json()
+    print(f"  {inputs!r} -> {answer[0]['generated_text']!r}")
+
+    say("the same model through the official openai client (base_url = alignd)")
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+    print(f"  models: {[m.id for m in client.models.list().data]}")
+    messages = [{"role": "user", "content": QUESTION}]
+    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=16)
+    print(f"  chat.completions: {chat.choices[0].message.content!r}")
+    streamed = client.chat.completions.create(model=model, messages=messages, max_tokens=16, stream=True)
+    print(f"  streamed: {''.join(c.choices[0].delta.content or '' for c in streamed if c.choices)!r}")
+    best = client.chat.completions.create(model=model, messages=messages, max_tokens=16,
+                                          extra_body={"best_of": 4, "rerank": True})
+    rerank = best.model_extra["rerank"]
+    print("  best-of-4, reranked by the job's reward model on the rerank worker:")
+    for i, (text, score) in enumerate(zip(rerank["candidates"], rerank["scores"], strict=True)):
+        print(f"    {'->' if i == rerank['chosen'][0] else '  '} {score:+.3f}  {text!r}")
+
+
 def main() -> int:
     models = build_models()
     home = DEMO_DIR / "home"
@@ -115,7 +157,7 @@ def main() -> int:
     port = free_port()
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("ALIGND_")},
            "ALIGND_HOME": str(home), "ALIGND_MODEL_ROOT": str(models), "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", "ALIGND_MODEL_SERVER_URL": f"http://127.0.0.1:{free_port()}"}
     url = f"http://127.0.0.1:{port}"
     say(f"starting `alignd up` on {url} (SQLite, filesystem broker, API + workers); log: .demo/alignd.log")
     log = (DEMO_DIR / "alignd.log").open("wb")
@@ -133,6 +175,7 @@ def main() -> int:
             print(f"error: {job['error']}")
             return 1
         print(f"\naligned model: {job['fine_tuned_model']}")
+        query_aligned_model(url, key, job["fine_tuned_model"])
         return 0
     finally:
         say("shutting down")
