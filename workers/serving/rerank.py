@@ -10,9 +10,11 @@ from __future__ import annotations
 import re
 import threading
 from collections import OrderedDict
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
+from app.core.config import Settings
+from app.schemas.job_spec import RewardModelConfig
 from workers.pipeline.prompts import Messages
 from workers.pipeline.score import RewardModel, RewardModelSpec, load_reward_model
 
@@ -48,18 +50,20 @@ def prompt_messages(prompt: Any) -> Messages:
 
 
 class RewardModelCache:
+    """Loaded reward models by the job's reward-model config (its JSON), least recently used evicted."""
+
     def __init__(self, size: int = 2) -> None:
         self.size = size
-        self._models: OrderedDict[RewardModelSpec, RewardModel] = OrderedDict()
+        self._models: OrderedDict[str, RewardModel] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, spec: RewardModelSpec, model_root: Path) -> RewardModel:
+    def get(self, key: str, load: Callable[[], RewardModel]) -> RewardModel:
         with self._lock:
-            if spec in self._models:
-                self._models.move_to_end(spec)
-                return self._models[spec]
-            model = load_reward_model(spec, model_root)
-            self._models[spec] = model
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            model = load()
+            self._models[key] = model
             while len(self._models) > self.size:
                 self._models.popitem(last=False)
             return model
@@ -71,7 +75,14 @@ REWARD_MODELS = RewardModelCache()
 _SCORING = threading.Lock()
 
 
-def score_candidates(spec: RewardModelSpec, model_root: Path, prompt: Any, candidates: list[str]) -> list[float]:
-    reward_model = REWARD_MODELS.get(spec, model_root)
+def _load(config: RewardModelConfig, settings: Settings) -> RewardModel:
+    spec = RewardModelSpec(type=config.type, model=config.model, batch_size=config.batch_size,
+                           max_length=config.max_length)
+    return load_reward_model(spec, settings.resolved_model_root)
+
+
+def score_candidates(config: RewardModelConfig, settings: Settings, prompt: Any, candidates: list[str]) -> list[float]:
+    """The job's reward model's score of each candidate answer to `prompt`."""
+    reward_model = REWARD_MODELS.get(config.model_dump_json(), lambda: _load(config, settings))
     with _SCORING:
         return list(reward_model.score_candidates([prompt_messages(prompt)], [candidates]).scores[0])

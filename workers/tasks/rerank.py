@@ -38,7 +38,6 @@ def _finish(request_id: str, *, scores: list[float] | None = None, error: str | 
 
 @celery_app.task(name=queue.TASK_RERANK, acks_late=True)
 def rerank(request_id: str) -> None:
-    from workers.pipeline.score import RewardModelSpec
     from workers.serving.rerank import score_candidates
 
     with session_scope() as session:
@@ -47,10 +46,9 @@ def rerank(request_id: str) -> None:
             return
         spec_json = session.scalar(select(Job.spec).where(Job.id == row.job_id))
         prompt, candidates = row.prompt, list(row.candidates)
-    rm = JobSpec.model_validate(spec_json).reward_model
-    spec = RewardModelSpec(type=rm.type, model=rm.model, batch_size=rm.batch_size, max_length=rm.max_length)
+    reward_model = JobSpec.model_validate(spec_json).reward_model
     try:
-        scores = score_candidates(spec, get_settings().resolved_model_root, prompt, candidates)
+        scores = score_candidates(reward_model, get_settings(), prompt, candidates)
     except PipelineError as exc:
         _finish(request_id, error=f"[{exc.code}] {exc.message}")
         return
