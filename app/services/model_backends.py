@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -64,12 +65,16 @@ def _refusal(response: httpx.Response, body: bytes) -> UpstreamError:
     return UpstreamError(status, message, type_=type_ if status < 500 else "server_error", code=code, param=param)
 
 
-# One connection pool per event loop (one per API process; tests start several loops).
-_CLIENTS: dict[int, httpx.AsyncClient] = {}
+# A connection pool (and adapter-load locks) per event loop: one loop per API process, but tests
+# start several, and neither pools nor asyncio locks may cross loops. Weak keys: a finished loop's
+# entries go with it.
+_CLIENTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = weakref.WeakKeyDictionary()
+_LOAD_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str], asyncio.Lock]] = (
+    weakref.WeakKeyDictionary())
 
 
 def http_client(settings: Settings | None = None) -> httpx.AsyncClient:
-    loop = id(asyncio.get_running_loop())
+    loop = asyncio.get_running_loop()
     client = _CLIENTS.get(loop)
     if client is None or client.is_closed:
         settings = settings or get_settings()
@@ -80,10 +85,15 @@ def http_client(settings: Settings | None = None) -> httpx.AsyncClient:
 
 
 async def close_http_clients() -> None:
-    loop = id(asyncio.get_running_loop())
-    client = _CLIENTS.pop(loop, None)
+    """For an app's shutdown: close this loop's connection pool."""
+    client = _CLIENTS.pop(asyncio.get_running_loop(), None)
     if client is not None:
         await client.aclose()
+
+
+def _load_lock(url: str, name: str) -> asyncio.Lock:
+    locks = _LOAD_LOCKS.setdefault(asyncio.get_running_loop(), {})
+    return locks.setdefault((url, name), asyncio.Lock())
 
 
 class ModelBackend:
@@ -145,8 +155,7 @@ class EmbeddedBackend(ModelBackend):
 
 
 class VllmBackend(ModelBackend):
-    _load_locks: dict[tuple[str, str], asyncio.Lock] = {}
-    _bos_ids: dict[tuple[str, str], list[int]] = {}
+    _bos_ids: dict[tuple[str, str], list[int]] = {}  # (vLLM URL, base model) -> [BOS] or []
 
     async def _open(self, path: str, body: dict[str, Any], *, stream: bool) -> httpx.Response:
         try:
@@ -208,8 +217,7 @@ class VllmBackend(ModelBackend):
 async def load_adapter(client: httpx.AsyncClient, url: str, name: str, path: str) -> None:
     """Make vLLM at `url` serve the adapter at `path` as model `name`. Idempotent: an adapter
     already loaded under that name is success; concurrent first requests load it once."""
-    lock = VllmBackend._load_locks.setdefault((url, name), asyncio.Lock())
-    async with lock:
+    async with _load_lock(url, name):
         try:
             listed = await client.get(f"{url}/v1/models")
             if listed.status_code == 200 and any(m.get("id") == name for m in listed.json().get("data", [])):
