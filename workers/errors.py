@@ -81,6 +81,18 @@ class ArtifactCorrupt(PipelineError):
     code = "artifact_corrupt"
 
 
+class JudgeEndpointNotAllowed(PipelineError):
+    """The job's judge endpoint is not in the service's `judge_endpoint_allowlist`."""
+
+    code = "judge_endpoint_not_allowed"
+
+
+class JudgeUnavailable(PipelineError):
+    """The judge endpoint failed or did not answer with a chat completion."""
+
+    code = "judge_unavailable"
+
+
 class JobCancelled(Exception):
     """Raised by the `check_cancelled` hook; stops the round at the next stage or batch boundary.
 

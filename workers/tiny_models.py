@@ -6,6 +6,9 @@
   word-level tokenizer trained by `tokenizers` on a synthetic English corpus. It has BOS/EOS/PAD and
   no chat template, so the pipeline's Mistral `[INST] ... [/INST]` fallback is used.
 - `tiny-mistral-chat/`: the same weights with a ChatML-style chat template in the tokenizer.
+- `tiny-mistral-liked/`: `tiny-mistral` fine-tuned for a few steps on answers full of liked words:
+  with `tiny-mistral` as the reference, the implicit (DPO log-ratio) reward
+  log p_liked(y|x) - log p_base(y|x) prefers liked words, as Merlinite's instruct-vs-base pair does.
 - `tiny-rm/`: a scalar reward model (`MistralForSequenceClassification`, num_labels=1) with its own
   chat template (`<|user|> ... <|assistant|> ...`), different from the policy's.
 - `tiny-pairrm/`: a DeBERTa-v2 PairRM in llm-blender's layout (`ranker_config.json`/`config.json`
@@ -77,6 +80,7 @@ class TinyModels:
     root: Path
     policy: str = "tiny-mistral"
     policy_chat: str = "tiny-mistral-chat"
+    policy_liked: str = "tiny-mistral-liked"
     scalar_rm: str = "tiny-rm"
     pairrm: str = "tiny-pairrm"
 
@@ -171,6 +175,36 @@ def build_policy(out_dir: Path, corpus: list[str]) -> None:
     model.save_pretrained(out_dir / "tiny-mistral-chat", safe_serialization=True)
     tokenizer.chat_template = CHATML_TEMPLATE
     tokenizer.save_pretrained(out_dir / "tiny-mistral-chat")
+    tokenizer.chat_template = None
+    build_liked_policy(out_dir / "tiny-mistral-liked", model, tokenizer)
+
+
+def build_liked_policy(out_dir: Path, model: Any, tokenizer: Any, steps: int = 40) -> None:
+    """A copy of the policy nudged towards answers made of liked words (`[INST] q [/INST] answer`)."""
+    import copy
+
+    from workers.pipeline.prompts import ensure_chat_template
+
+    liked = copy.deepcopy(model)
+    ensure_chat_template(tokenizer)
+    rng = random.Random(5)
+    prompts = synthetic_prompts(32, seed=17)
+
+    def batch(size: int) -> tuple[dict[str, Any], Any]:
+        texts = []
+        for _ in range(size):
+            answer = " ".join(rng.choice(LIKED_WORDS) for _ in range(rng.randint(4, 12)))
+            texts.append(tokenizer.apply_chat_template(
+                rng.choice(prompts) + [{"role": "assistant", "content": answer}], tokenize=False))
+        enc = tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        return dict(enc), labels
+
+    _fit(liked, steps, lambda: batch(16), lambda out, labels: out.loss, lr=3e-3,
+         with_labels=True)
+    liked.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(out_dir)
 
 
 def build_scalar_rm(out_dir: Path, corpus: list[str], steps: int = 200) -> None:
@@ -209,14 +243,16 @@ def build_scalar_rm(out_dir: Path, corpus: list[str], steps: int = 200) -> None:
     tokenizer.save_pretrained(out_dir / "tiny-rm")
 
 
-def _fit(model: Any, steps: int, make_batch: Any, loss_fn: Any, lr: float = 3e-3) -> None:
+def _fit(model: Any, steps: int, make_batch: Any, loss_fn: Any, lr: float = 3e-3,
+         with_labels: bool = False) -> None:
     import torch
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
     for _ in range(steps):
         inputs, target = make_batch()
-        loss = loss_fn(model(**inputs), target)
+        outputs = model(**inputs, labels=target) if with_labels else model(**inputs)
+        loss = loss_fn(outputs, target)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -325,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     models = build_tiny_models(Path(args[0]))
     print(json.dumps({"root": str(models.root), "policy": models.policy, "scalar_rm": models.scalar_rm,
-                      "pairrm": models.pairrm, "policy_chat": models.policy_chat}))
+                      "pairrm": models.pairrm, "policy_chat": models.policy_chat,
+                      "policy_liked": models.policy_liked}))
     return 0
 
 

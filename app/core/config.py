@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     # fine-tuning counts three times the parameters (weights, gradients, optimizer state).
     gpu_queue_routes: list[tuple[float, str]] = Field(default_factory=list)
 
+    # Base URLs of OpenAI-compatible endpoints a job's `judge` reward may call (e.g.
+    # ["http://judge.internal:8000/v1"]); a job's endpoint must be one of them or below one. Empty:
+    # judge rewards are off.
+    judge_endpoint_allowlist: list[str] = Field(default_factory=list)
+
     webhook_max_retries: int = 8
     webhook_timeout_s: float = 10.0
 

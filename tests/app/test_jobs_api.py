@@ -19,9 +19,11 @@ def test_create_job_answers_the_job_object_with_defaults(api):
     assert job["status"] == "validating"
     assert job["prompt_set"] == prompt_set["id"] and job["base_model"] == "tiny-mistral"
     assert job["rounds"] == 3 and job["samples_per_prompt"] == 5 and job["current_round"] == 0
-    assert job["algorithm"] == {"type": "dpo", "beta": 0.1, "loss_type": "sigmoid", "reference": "round_start",
-                                "label_smoothing": 0.0}
+    assert job["algorithm"] == {"type": "dpo", "beta": 0.1, "eta": None, "loss_type": "sigmoid",
+                                "reference": "round_start", "label_smoothing": 0.0, "length_normalize": False}
     assert job["reward_model"]["type"] == "scalar" and job["reward_model"]["batch_size"] == 8
+    assert job["reward_model"]["rules"] is None and job["reward_model"]["judge"] is None
+    assert job["pairing"] == {"strategy": "best_vs_worst", "min_margin": 0.0, "length_penalty": 0.0}
     assert job["training"]["learning_rate"] == 5e-7 and job["training"]["lora"]["r"] == 16
     assert job["generation"] == {"max_new_tokens": 512, "temperature": 0.7, "top_p": 0.9, "batch_size": 16}
     assert job["progress"] == {"phase": None, "fraction": 0.0}

@@ -6,7 +6,8 @@ Layout under `<artifact_root>/<job_id>/`:
     base-eval.jsonl                 base model's held-out samples (+ scalar rewards), cached per job
     round-<n>/generations.jsonl     K completions per training prompt
     round-<n>/scores.jsonl          per-candidate scores and the K x K win-probability matrix
-    round-<n>/pairs/                HF dataset (TRL conversational preference format)
+    round-<n>/pairs/                HF dataset: TRL conversational preference pairs, or prompt-completion
+                                    rows of the best answers (rejection sampling)
     round-<n>/model/                LoRA adapter or full model (safetensors) + tokenizer
     round-<n>/eval.jsonl            held-out samples of the new policy with their outcomes
     round-<n>/metrics.json          the round's metrics, written last

@@ -3,18 +3,21 @@
 Per held-out prompt, one sample from the new policy and one from the base (the base samples are
 cached per job). Outcome o in [0, 1] = P(new beats base):
 
-- pairrm: sigmoid of the position-bias-cancelled PairRM logit of (new vs base), both orders.
-- scalar: 1 if r(new) > r(base), 0.5 on a tie, 0 otherwise.
+- pairrm, judge: sigmoid of the position-bias-cancelled pairwise logit of (new vs base), both orders.
+- scalar, implicit, rules: 1 if r(new) > r(base), 0.5 on a tie, 0 otherwise.
 
 Metrics:
 - win_rate: mean outcome.
 - lc_win_rate: length-controlled win rate (AlpacaEval 2 style): a logistic regression of the
   outcome on the length difference (tanh of the token difference over its std), read at zero
   length difference. Mild L2 regularisation keeps all-wins / all-losses finite.
-- mean_reward / base_mean_reward: scalar: the mean reward of the new / base answers. pairrm: the
-  mean PairRM logit of the new answer against the base answer (bias-cancelled), and 0.0 for the
-  base (the base answer against itself), so "reward" is always relative to the base answer.
+- mean_reward / base_mean_reward: absolute kinds: the mean reward of the new / base answers.
+  pairrm, judge: the mean pairwise logit of the new answer against the base answer
+  (bias-cancelled), and 0.0 for the base (the base answer against itself), so "reward" is always
+  relative to the base answer.
 - mean_length / base_mean_length: mean completion length in tokens.
+- rule_satisfaction / base_rule_satisfaction (when the reward has rules): share of answers that
+  keep every rule.
 """
 
 from __future__ import annotations
@@ -33,9 +36,12 @@ class EvalResult:
     mean_length: float
     base_mean_length: float
     n_prompts: int
+    rule_satisfaction: float | None = None
+    base_rule_satisfaction: float | None = None
 
     def as_metrics(self) -> dict[str, float]:
-        return {f"eval_{k}" if not k.startswith("eval_") else k: v for k, v in asdict(self).items()}
+        return {f"eval_{k}" if not k.startswith("eval_") else k: v for k, v in asdict(self).items()
+                if v is not None}
 
 
 def _sigmoid(x: float) -> float:

@@ -1,4 +1,7 @@
-"""One round of iterative DPO: split (once per job) -> generate -> score -> pair -> train -> evaluate.
+"""One round of iterative alignment: split (once per job) -> generate -> score -> pair -> train -> evaluate.
+
+The algorithm decides what "pair" and "train" mean: preference pairs and DPO (any TRL loss) or
+SPPO, or the best answer per prompt and SFT (rejection sampling).
 
 Each stage's output is written atomically at a path derived from the job id and round
 (`workers.pipeline.artifacts`); a stage whose output exists is skipped, so re-running `run_round`
@@ -21,10 +24,10 @@ from workers.pipeline.artifacts import RoundPaths
 from workers.pipeline.generate import GenerationConfig, PolicyModel, generate_completions
 from workers.pipeline.hooks import RoundHooks
 from workers.pipeline.loading import resolve
-from workers.pipeline.pair import PairingConfig, build_pairs, load_pairs, save_pairs
+from workers.pipeline.pair import PairingConfig, build_pairs, load_pairs, save_pairs, select_best
 from workers.pipeline.prompts import Messages, validate_prompt
 from workers.pipeline.round_eval import evaluate_round
-from workers.pipeline.score import RewardModel, RewardModelSpec, load_reward_model
+from workers.pipeline.score import RewardModel, load_reward_model, reward_model_spec
 from workers.pipeline.split import PromptSplit, SplitConfig, split_prompts
 from workers.pipeline.train import LoraSettings, StartingPolicy, TrainConfig, train_dpo
 
@@ -43,6 +46,7 @@ class RoundContext:
     model_root: Path
     hooks: RoundHooks = field(default_factory=RoundHooks)
     generation_backend: str = "auto"  # "auto" | "transformers" | "vllm"
+    judge_endpoint_allowlist: tuple[str, ...] = ()  # the service's setting; empty: judge rewards refused
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,11 @@ def generation_config(spec: JobSpec, *, samples: int, seed: int) -> GenerationCo
                             temperature=g.temperature, top_p=g.top_p, batch_size=g.batch_size, seed=seed)
 
 
+# Job algorithm -> trainer: ipo and sppo_hard are TRL DPO losses (the spec sets `loss_type`).
+TRAINING_ALGORITHM = {"dpo": "dpo", "ipo": "dpo", "sppo_hard": "dpo", "sppo": "sppo",
+                      "rejection_sampling": "rejection_sampling"}
+
+
 def train_config(spec: JobSpec) -> TrainConfig:
     t, a = spec.training, spec.algorithm
     targets = t.lora.target_modules if isinstance(t.lora.target_modules, str) else list(t.lora.target_modules)
@@ -113,7 +122,8 @@ def train_config(spec: JobSpec) -> TrainConfig:
         max_prompt_length=t.max_prompt_length, lr_scheduler_type=t.lr_scheduler_type,
         warmup_ratio=t.warmup_ratio, gradient_checkpointing=t.gradient_checkpointing, seed=t.seed,
         beta=a.beta, loss_type=a.loss_type, label_smoothing=a.label_smoothing, reference=a.reference,
-        lora=LoraSettings(r=t.lora.r, alpha=t.lora.alpha, dropout=t.lora.dropout, target_modules=targets))
+        lora=LoraSettings(r=t.lora.r, alpha=t.lora.alpha, dropout=t.lora.dropout, target_modules=targets),
+        algorithm=TRAINING_ALGORITHM[a.type], length_normalize=a.length_normalize)
 
 
 class _RoundRunner:
@@ -134,10 +144,9 @@ class _RoundRunner:
 
     def reward_model(self) -> RewardModel:
         if self._reward_model is None:
-            rm = self.ctx.spec.reward_model
-            self._reward_model = load_reward_model(
-                RewardModelSpec(type=rm.type, model=rm.model, batch_size=rm.batch_size, max_length=rm.max_length),
-                self.ctx.model_root)
+            self._reward_model = load_reward_model(reward_model_spec(self.ctx.spec.reward_model),
+                                                   self.ctx.model_root,
+                                                   judge_allowlist=self.ctx.judge_endpoint_allowlist)
         return self._reward_model
 
     def stage(self, name: str, output: Path, run: Callable[[], dict[str, Any]],
@@ -218,12 +227,17 @@ class _RoundRunner:
         def run() -> dict[str, Any]:
             gens = artifacts.read_jsonl(self.paths.generations)
             scores = artifacts.read_jsonl(self.paths.scores)
-            p = self.ctx.spec.pairing
-            result = build_pairs([g["prompt"] for g in gens], [g["completions"] for g in gens],
-                                 [s["scores"] for s in scores],
-                                 PairingConfig(strategy=p.strategy, min_margin=p.min_margin,
-                                               seed=self.ctx.spec.split_seed + self.ctx.round_index),
-                                 prompt_indices=[g["prompt_index"] for g in gens])
+            p, algorithm = self.ctx.spec.pairing, self.ctx.spec.algorithm.type
+            config = PairingConfig(strategy=p.strategy, min_margin=p.min_margin, length_penalty=p.length_penalty,
+                                   seed=self.ctx.spec.split_seed + self.ctx.round_index)
+            common = dict(prompt_indices=[g["prompt_index"] for g in gens],
+                          lengths=[g["completion_tokens"] for g in gens])
+            prompts, candidates = [g["prompt"] for g in gens], [g["completions"] for g in gens]
+            if algorithm == "rejection_sampling":
+                result = select_best(prompts, candidates, [s["scores"] for s in scores], config, **common)
+            else:
+                result = build_pairs(prompts, candidates, [s["scores"] for s in scores], config, **common,
+                                     win_prob=[s["win_prob"] for s in scores] if algorithm == "sppo" else None)
             if result.dropped:
                 self.event("warning" if not result.kept else "info", "pairs_dropped",
                            f"{result.dropped} of {len(gens)} prompts gave no usable pair", **result.stats())
@@ -241,10 +255,15 @@ class _RoundRunner:
 
     def train(self, start: StartingPolicy) -> None:
         def run() -> dict[str, Any]:
+            config = train_config(self.ctx.spec)
+            trainer = train_dpo
+            if config.algorithm == "rejection_sampling":
+                from workers.pipeline.sft import train_sft
+
+                trainer = train_sft
             with artifacts.atomic_directory(self.paths.model) as tmp:
-                result = train_dpo(train_config(self.ctx.spec), start, load_pairs(self.paths.pairs), tmp,
-                                   self.paths.trainer_scratch, self.ctx.hooks,
-                                   progress=lambda f: self.progress("train", f))
+                result = trainer(config, start, load_pairs(self.paths.pairs), tmp, self.paths.trainer_scratch,
+                                 self.ctx.hooks, progress=lambda f: self.progress("train", f))
                 # the stats must exist before the model dir appears: write them from inside the block
                 stats = {"train_loss": result.train_loss, "train_steps": result.steps,
                          "train_samples_per_s": result.samples_per_s,

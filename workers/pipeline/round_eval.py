@@ -1,5 +1,6 @@
 """The evaluate stage's I/O: sample the held-out prompts from the new policy and the (cached) base,
-judge each pair with the job's reward model, and summarise with `evaluate.summarize`."""
+judge each pair with the job's reward model, and summarise with `evaluate.summarize`. With rules in
+the reward, the share of answers that keep every rule is reported too (new and base)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def _base_samples(ctx: RoundContext, base: PolicyModel, indices: list[int],
             return rows
     completions, tokens = _sample(ctx, base, indices)
     rewards: list[float | None] = [None] * len(indices)
-    if reward_model.spec.type == "scalar":
+    if reward_model.spec.is_absolute:
         rewards = list(reward_model.rewards([ctx.prompts[i] for i in indices], completions, ctx.hooks))
     rows = [{"prompt_index": i, "completion": c, "tokens": t, "reward": r}
             for i, c, t, r in zip(indices, completions, tokens, rewards, strict=True)]
@@ -53,7 +54,7 @@ def evaluate_round(ctx: RoundContext, indices: list[int], new_policy: PolicyMode
     progress(0.7)
     prompts = [ctx.prompts[i] for i in indices]
     base_completions = [r["completion"] for r in base_rows]
-    if reward_model.spec.type == "pairrm":
+    if not reward_model.spec.is_absolute:
         import math
 
         logits = reward_model.compare(prompts, new_completions, base_completions, ctx.hooks)
@@ -64,6 +65,9 @@ def evaluate_round(ctx: RoundContext, indices: list[int], new_policy: PolicyMode
         rewards_base = [float(r["reward"]) for r in base_rows]
         outcomes = [scalar_outcome(n, b) for n, b in zip(rewards_new, rewards_base, strict=True)]
     result = summarize(outcomes, rewards_new, rewards_base, new_tokens, [r["tokens"] for r in base_rows])
+    if reward_model.rules is not None:
+        result.rule_satisfaction = reward_model.rules.satisfaction_rate(new_completions)
+        result.base_rule_satisfaction = reward_model.rules.satisfaction_rate(base_completions)
     rows = [{"prompt_index": i, "completion": c, "tokens": t, "base_completion": b["completion"],
              "base_tokens": b["tokens"], "outcome": o, "reward": rn, "base_reward": rb}
             for i, c, t, b, o, rn, rb in zip(indices, new_completions, new_tokens, base_rows, outcomes,

@@ -1,4 +1,6 @@
-"""DPO on the round's pairs with TRL, LoRA (default) or full fine-tuning.
+"""Preference training on the round's pairs with TRL, LoRA (default) or full fine-tuning: DPO with
+any TRL loss (ipo and sppo_hard included), or SPPO (`workers.pipeline.sppo`). Rejection sampling's
+SFT (`workers.pipeline.sft`) shares the model setup below.
 
 Iterative LoRA: the policy of round n is base + ONE cumulative adapter. Round 1 starts a fresh
 adapter; round n > 1 loads round n-1's adapter as trainable and keeps training it, so the final
@@ -61,14 +63,26 @@ class TrainConfig:
     label_smoothing: float = 0.0
     reference: Literal["round_start", "base"] = "round_start"
     lora: LoraSettings = field(default_factory=LoraSettings)
+    algorithm: Literal["dpo", "sppo", "rejection_sampling"] = "dpo"
+    length_normalize: bool = False  # average log-ratios per token: sigmoid -> TRL's sigmoid_norm; sppo
 
     def __post_init__(self) -> None:
+        if self.algorithm not in ("dpo", "sppo", "rejection_sampling"):
+            raise ValueError(f"unknown training algorithm {self.algorithm!r}")
         if self.method not in ("lora", "full"):
             raise ValueError(f"unknown training method {self.method!r}")
         if self.reference not in ("round_start", "base"):
             raise ValueError(f"unknown reference {self.reference!r}")
         if self.max_prompt_length >= self.max_length:
             raise ValueError("max_prompt_length must be below max_length")
+
+    @property
+    def trl_loss_type(self) -> str:
+        """The TRL loss trained on (DPO): `length_normalize` turns sigmoid into TRL's sigmoid_norm, and
+        TRL's ipo already averages per token."""
+        if self.length_normalize and self.loss_type == "sigmoid":
+            return "sigmoid_norm"
+        return self.loss_type
 
 
 @dataclass(frozen=True)
@@ -102,7 +116,7 @@ def trl_loss_types() -> set[str]:
     return set(re.findall(r"'([a-z0-9_]+)'", help_text))
 
 
-def _cancel_callback(hooks: RoundHooks, progress: Any) -> Any:
+def cancel_callback(hooks: RoundHooks, progress: Any) -> Any:
     from transformers import TrainerCallback
 
     class CancelAndProgress(TrainerCallback):
@@ -117,10 +131,14 @@ def _cancel_callback(hooks: RoundHooks, progress: Any) -> Any:
     return CancelAndProgress()
 
 
-def _build_models(config: TrainConfig, start: StartingPolicy, dtype: Any, device: str) -> tuple[Any, Any, Any]:
-    """(policy, ref_model or None, peft_config or None) as described in the module docstring."""
+def build_models(config: TrainConfig, start: StartingPolicy, dtype: Any, device: str) -> tuple[Any, Any, Any]:
+    """(policy, ref_model or None, peft_config or None) as described in the module docstring; no
+    reference for rejection sampling."""
+    needs_reference = config.algorithm != "rejection_sampling"
     if config.method == "full":
         policy = load_causal_lm(str(start.full_model_dir or start.base_location), dtype=dtype, device=device)
+        if not needs_reference:
+            return policy, None, None
         ref_location = start.base_location if config.reference == "base" else str(
             start.full_model_dir or start.base_location)
         ref = load_causal_lm(ref_location, dtype=dtype, device=device)
@@ -133,6 +151,8 @@ def _build_models(config: TrainConfig, start: StartingPolicy, dtype: Any, device
         return load_causal_lm(start.base_location, dtype=dtype, device=device), None, peft_config
     policy = load_policy(start.base_location, start.adapter_dir, dtype=dtype, device=device, merge=False,
                          trainable=True)
+    if not needs_reference:
+        return policy, None, None
     ref_adapter = None if config.reference == "base" else start.adapter_dir
     ref = load_policy(start.base_location, ref_adapter, dtype=dtype, device=device, merge=True)
     return policy, _frozen(ref), None
@@ -145,7 +165,7 @@ def _frozen(model: Any) -> Any:
     return model
 
 
-def _drop_long_prompts(dataset: Any, tokenizer: Any, max_prompt_length: int) -> tuple[Any, int]:
+def drop_long_prompts(dataset: Any, tokenizer: Any, max_prompt_length: int) -> tuple[Any, int]:
     def fits(row: dict[str, Any]) -> bool:
         ids = tokenizer.apply_chat_template(row["prompt"], tokenize=True, add_generation_prompt=True)
         ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
@@ -162,34 +182,35 @@ def train_dpo(config: TrainConfig, start: StartingPolicy, pairs: Any, out_dir: P
 
     hooks = hooks or RoundHooks()
     progress = progress or (lambda fraction: None)
-    if config.loss_type not in trl_loss_types():
+    if config.algorithm == "dpo" and config.trl_loss_type not in trl_loss_types():
         raise InvalidTrainingConfig(f"unknown DPO loss type {config.loss_type!r}; TRL knows "
                                     f"{sorted(trl_loss_types())}")
     tokenizer_source = str(start.full_model_dir or start.base_location)
     tokenizer = load_tokenizer(tokenizer_source)
     ensure_chat_template(tokenizer)  # TRL renders conversational rows with the chat template
-    pairs, skipped = _drop_long_prompts(pairs, tokenizer, config.max_prompt_length)
+    pairs, skipped = drop_long_prompts(pairs, tokenizer, config.max_prompt_length)
     if len(pairs) == 0:
         raise NoPairs(f"every pair's prompt is longer than max_prompt_length={config.max_prompt_length}")
     on_gpu = has_gpu()
     dtype = training_dtype()
     device = compute_device()
     args = DPOConfig(
-        output_dir=str(scratch_dir), report_to="none", save_strategy="no", logging_steps=1,
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps, num_train_epochs=config.epochs,
-        learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type,
-        warmup_steps=config.warmup_ratio, seed=config.seed, data_seed=config.seed, beta=config.beta,
-        loss_type=[config.loss_type], label_smoothing=config.label_smoothing, max_length=config.max_length,
-        bf16=on_gpu and dtype is not None and str(dtype) == "torch.bfloat16", fp16=False,
-        gradient_checkpointing=on_gpu and config.gradient_checkpointing, use_cpu=not on_gpu,
-        dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=True,
+        **common_training_args(config, scratch_dir, on_gpu=on_gpu, dtype=dtype), beta=config.beta,
+        loss_type=[config.trl_loss_type if config.algorithm == "dpo" else "sigmoid"],
+        label_smoothing=config.label_smoothing, max_length=config.max_length,
     )
+    trainer_kwargs: dict[str, Any] = {}
+    trainer_class: Any = DPOTrainer
+    if config.algorithm == "sppo":
+        from workers.pipeline.sppo import SPPOTrainer
+
+        trainer_class = SPPOTrainer
+        trainer_kwargs["length_normalize"] = config.length_normalize
     with oom_as_domain_error():
-        policy, ref, peft_config = _build_models(config, start, dtype, device)
-        trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=pairs,
-                             processing_class=tokenizer, peft_config=peft_config,
-                             callbacks=[_cancel_callback(hooks, progress)])
+        policy, ref, peft_config = build_models(config, start, dtype, device)
+        trainer = trainer_class(model=policy, ref_model=ref, args=args, train_dataset=pairs,
+                                processing_class=tokenizer, peft_config=peft_config,
+                                callbacks=[cancel_callback(hooks, progress)], **trainer_kwargs)
         started = time.perf_counter()
         try:
             output = trainer.train()
@@ -198,8 +219,28 @@ def train_dpo(config: TrainConfig, start: StartingPolicy, pairs: Any, out_dir: P
                 raise InvalidTrainingConfig(str(exc)) from exc
             raise
         wall = time.perf_counter() - started
+    return save_trained(trainer, output, config, tokenizer_source, out_dir, samples=len(pairs), skipped=skipped,
+                        wall_s=wall)
+
+
+def common_training_args(config: TrainConfig, scratch_dir: Path, *, on_gpu: bool, dtype: Any) -> dict[str, Any]:
+    """The transformers TrainingArguments every trainer here shares."""
+    return dict(
+        output_dir=str(scratch_dir), report_to="none", save_strategy="no", logging_steps=1,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps, num_train_epochs=config.epochs,
+        learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_ratio, seed=config.seed, data_seed=config.seed,
+        bf16=on_gpu and dtype is not None and str(dtype) == "torch.bfloat16", fp16=False,
+        gradient_checkpointing=on_gpu and config.gradient_checkpointing, use_cpu=not on_gpu,
+        dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=True,
+    )
+
+
+def save_trained(trainer: Any, output: Any, config: TrainConfig, tokenizer_source: str, out_dir: Path, *,
+                 samples: int, skipped: int, wall_s: float) -> TrainResult:
     trainer.model.save_pretrained(str(out_dir), safe_serialization=True)
     load_tokenizer(tokenizer_source).save_pretrained(str(out_dir))  # as shipped, not our in-memory edits
     return TrainResult(train_loss=float(output.training_loss), steps=int(output.global_step),
-                       samples=int(len(pairs) * config.epochs), skipped_long_prompts=skipped, wall_s=wall,
+                       samples=int(samples * config.epochs), skipped_long_prompts=skipped, wall_s=wall_s,
                        is_adapter=config.method == "lora")

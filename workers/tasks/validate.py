@@ -13,10 +13,12 @@ from app.core.model_names import ModelNameError, resolve_model_name
 from app.db.base import utcnow
 from app.db.models import Job, PromptSet
 from app.db.session import session_scope
+from app.schemas.job_spec import RewardModelConfig
 from app.services.events import add_event
 from app.services.job_lifecycle import after_commit_notify, finish_job
 from app.services.jobs import job_spec
 from workers.celery_app import celery_app
+from workers.pipeline.judge import endpoint_allowed
 from workers.routing import choose_gpu_queue
 
 log = logging.getLogger("alignd.worker")
@@ -38,12 +40,24 @@ def _check_local_model(name: str, what: str) -> None:
         raise JobInvalid("model_not_loadable", f"{what}: {name!r} has no config.json")
 
 
+def _check_reward(reward: RewardModelConfig) -> None:
+    """Models that must exist here, and a judge endpoint the service allows (re-checked by the worker)."""
+    if reward.type in ("pairrm", "scalar", "implicit") and reward.model is not None:
+        _check_local_model(reward.model, "reward_model.model")
+    if reward.reference_model is not None:
+        _check_local_model(reward.reference_model, "reward_model.reference_model")
+    if reward.judge is not None and not endpoint_allowed(reward.judge.endpoint,
+                                                         get_settings().judge_endpoint_allowlist):
+        raise JobInvalid("judge_endpoint_not_allowed", f"reward_model.judge.endpoint {reward.judge.endpoint!r} "
+                         "is not in this service's judge endpoint allowlist")
+
+
 def check_job(job: Job, prompt_set: PromptSet | None) -> None:
     if prompt_set is None or prompt_set.deleted_at is not None or not prompt_set.prompts:
         raise JobInvalid("prompt_set_not_found", "the job's prompt set no longer exists")
     spec = job_spec(job)
     _check_local_model(spec.base_model, "base_model")
-    _check_local_model(spec.reward_model.model, "reward_model.model")
+    _check_reward(spec.reward_model)
     eval_count = max(1, round(prompt_set.num_prompts * spec.eval_fraction))
     train_count = prompt_set.num_prompts - eval_count
     needed = 1 if spec.reuse_prompts else spec.rounds
