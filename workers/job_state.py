@@ -28,6 +28,7 @@ from app.schemas.job_spec import JobSpec
 from app.services.events import add_event
 from app.services.job_lifecycle import after_commit_notify, finish_job
 from workers.liveness import touch_heartbeat
+from workers.pipeline.selection import EARLY_STOPPING_METRIC, SELECTION_METRIC, RoundDecision, decide
 
 log = logging.getLogger("alignd.worker")
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -176,18 +177,29 @@ class JobMonitor:
 
 def record_round_success(claim: ClaimedRound, metrics: dict[str, Any], model_path: str,
                          fine_tuned_model: str | None) -> str | None:
-    """Store the round; finish the job after the last round. Returns the next round's queue."""
+    """Store the round and apply `selection.decide`: mark the served round (`metrics["selected"]` on
+    the job's round rows), warn about length growth, and finish the job after the last round or an
+    early stop. Returns the next round's queue, or None when the job is finished."""
     job_to_notify = None
     with session_scope() as session:
         job = session.scalar(select(Job).where(Job.id == claim.job_id).with_for_update())
         if job is None or job.worker_id != WORKER_ID:
             raise LeaseLost(claim.job_id)
+        rows = list(session.scalars(select(JobRound).where(JobRound.job_id == job.id, JobRound.round <= claim.round)
+                                    .order_by(JobRound.round)))
+        history = [metrics if row.round == claim.round else (row.metrics or {}) for row in rows]
+        decision = decide(history, claim.spec)
+        for row in rows:
+            if row.round != claim.round:
+                row.metrics = {**(row.metrics or {}), "selected": row.round == decision.selected_round}
+        metrics = {**metrics, "selected": decision.selected_round == claim.round}
         _set_round_status(session, job.id, claim.round, "succeeded", metrics=metrics, model_path=model_path)
         add_event(session, job_id=job.id, type="round.completed", data={"round": claim.round, "metrics": metrics},
                   message=f"round {claim.round}/{job.rounds} completed")
+        _record_decision(session, job, claim, decision)
         job.attempts = 0
         job.progress_fraction = claim.round / job.rounds
-        if claim.round >= job.rounds:
+        if not decision.more_rounds:
             job.fine_tuned_model = fine_tuned_model
             finish_job(session, job, "succeeded")
             job_to_notify = job
@@ -201,6 +213,31 @@ def record_round_success(claim: ClaimedRound, metrics: dict[str, Any], model_pat
         after_commit_notify(job_to_notify)
         return None
     return next_queue
+
+
+def _record_decision(session, job: Job, claim: ClaimedRound, decision: RoundDecision) -> None:  # noqa: ANN001
+    spec = claim.spec
+    growth = decision.length_growth
+    if decision.length_warning and growth is not None:
+        add_event(session, job_id=job.id, type="round.length_growth", level="warning",
+                  message=f"held-out mean length grew {growth.fraction:.0%} in round {claim.round} "
+                          f"({growth.previous:.1f} -> {growth.current:.1f} tokens), more than the "
+                          f"{spec.length_growth_warning:.0%} warning threshold",
+                  data={"round": claim.round, "previous_mean_length": growth.previous,
+                        "mean_length": growth.current, "growth": growth.fraction,
+                        "threshold": spec.length_growth_warning})
+    if decision.early_stopped:
+        stopping = spec.early_stopping
+        add_event(session, job_id=job.id, type="job.early_stopped", message=decision.stop_reason or "early stop",
+                  data={"round": claim.round, "rounds": job.rounds, "metric": EARLY_STOPPING_METRIC,
+                        "patience": stopping.patience if stopping else None,
+                        "min_delta": stopping.min_delta if stopping else None})
+    if not decision.more_rounds:
+        add_event(session, job_id=job.id, type="job.round_selected",
+                  message=f"serving round {decision.selected_round} (selection {spec.selection!r}: "
+                          f"{SELECTION_METRIC} is the held-out win rate against the base)",
+                  data={"round": decision.selected_round, "selection": spec.selection,
+                        "metric": SELECTION_METRIC})
 
 
 def release_round(claim: ClaimedRound, reason: str) -> str | None:

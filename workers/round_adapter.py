@@ -65,9 +65,9 @@ def make_hooks(monitor: JobMonitor) -> RoundHooks:
 def execute_round(claim: ClaimedRound, monitor: JobMonitor, settings: Settings) -> RoundOutcome:
     context = RoundContext(job_id=claim.job_id, round_index=claim.round, spec=claim.spec, prompts=claim.prompts,
                            artifact_root=settings.resolved_artifact_root, model_root=settings.resolved_model_root,
-                           hooks=make_hooks(monitor))
+                           hooks=make_hooks(monitor),
+                           judge_endpoint_allowlist=tuple(settings.judge_endpoint_allowlist))
     result = run_round(context)
-    name = None
-    if claim.round >= claim.rounds:
-        name = fine_tuned_model_name(claim, claim.tenant_name, claim.suffix)
+    # Named after every round: early stopping may make any round the last (job_state decides).
+    name = fine_tuned_model_name(claim, claim.tenant_name, claim.suffix)
     return RoundOutcome(metrics=result.metrics, model_path=str(result.model_dir), fine_tuned_model=name)
