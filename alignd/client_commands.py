@@ -12,6 +12,7 @@ import httpx
 from app.core.config import get_settings
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 
 class ApiError(Exception):
@@ -73,11 +74,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     jobs = sub.add_parser("jobs", help="create and follow alignment jobs")
     jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True)
     create = jobs_sub.add_parser("create", help="create a job")
-    create.add_argument("--body", type=Path, help="a JSON file with the job body")
+    create.add_argument("--recipe", help=f"start from a recipe: one of {', '.join(recipe_names())} "
+                        "(recipes/NAME.yaml), or a YAML file")
+    create.add_argument("--body", type=Path, help="a JSON file with the job body (over the recipe)")
     create.add_argument("--base-model")
     create.add_argument("--prompt-set")
     create.add_argument("--reward-model", help="reward model name")
-    create.add_argument("--reward-type", choices=["pairrm", "scalar"])
+    create.add_argument("--reward-type", choices=["pairrm", "scalar", "implicit", "rules", "judge"])
+    create.add_argument("--algorithm", choices=["dpo", "ipo", "sppo", "sppo_hard", "rejection_sampling"])
     create.add_argument("--rounds", type=int)
     create.add_argument("--samples-per-prompt", type=int)
     create.add_argument("--suffix")
@@ -103,8 +107,42 @@ def prompt_sets_upload(args: argparse.Namespace) -> int:
     return 0
 
 
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def load_recipe(name: str) -> dict[str, Any]:
+    """A recipe's job body: `recipes/<name>.yaml`, or a YAML file given by path."""
+    import yaml
+
+    path = Path(name)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        if name not in recipe_names():
+            raise ApiError(f"no recipe {name!r}; recipes: {', '.join(recipe_names())}")
+        path = RECIPES_DIR / f"{name}.yaml"
+    body = yaml.safe_load(path.read_text())
+    if not isinstance(body, dict):
+        raise ApiError(f"recipe {name!r} is not a mapping of job fields")
+    return body
+
+
+def merge_body(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` over `base`, nested objects merged key by key (a recipe's reward model keeps its
+    model when a flag changes only its type, for instance)."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_body(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def build_job_body(args: argparse.Namespace) -> dict[str, Any]:
-    body: dict[str, Any] = json.loads(args.body.read_text()) if args.body else {}
+    """The recipe, then the --body file, then the flags, each over the one before."""
+    body: dict[str, Any] = load_recipe(args.recipe) if getattr(args, "recipe", None) else {}
+    if args.body:
+        body = merge_body(body, json.loads(args.body.read_text()))
     for field, value in (("base_model", args.base_model), ("prompt_set", args.prompt_set),
                          ("rounds", args.rounds), ("samples_per_prompt", args.samples_per_prompt),
                          ("suffix", args.suffix)):
@@ -117,6 +155,8 @@ def build_job_body(args: argparse.Namespace) -> dict[str, Any]:
         if args.reward_type:
             reward["type"] = args.reward_type
         body["reward_model"] = reward
+    if getattr(args, "algorithm", None):
+        body["algorithm"] = {**(body.get("algorithm") or {}), "type": args.algorithm}
     return body
 
 
