@@ -73,6 +73,12 @@ def _not_found(name: str) -> NotFound:
     return NotFound(f"The model {name!r} does not exist", param="model", code="model_not_found")
 
 
+def _check_name(name: str) -> None:
+    """No stored name holds a NUL (Postgres cannot even compare against one): answer 404 at once."""
+    if "\x00" in name:
+        raise _not_found(name)
+
+
 def _check_job(job: Job | None, name: str) -> Job:
     """The job behind `name`, if it has produced exactly that model."""
     if job is None or (job.fine_tuned_model is not None and job.fine_tuned_model != name):
@@ -121,6 +127,7 @@ def register(session: Session, job: Job) -> ServedModel:
 def ensure_registered(session: Session, *, name: str, tenant_id: str | None) -> ServedModelInfo:
     """Look `name` up (within a tenant, or any tenant for the internal model server); register a
     succeeded job's model on first use. Commits a new registration."""
+    _check_name(name)
     query = select(ServedModel).where(ServedModel.name == name)
     if tenant_id is not None:
         query = query.where(ServedModel.tenant_id == tenant_id)
@@ -169,6 +176,7 @@ async def lookup(sessions: async_sessionmaker[AsyncSession], *, tenant: Tenant,
     cached = MODEL_CACHE.get(tenant.id, name)
     if cached is not None:
         return cached
+    _check_name(name)
     async with sessions() as session:
         row = await session.scalar(select(ServedModel).where(ServedModel.name == name,
                                                              ServedModel.tenant_id == tenant.id))

@@ -65,5 +65,16 @@ def test_other_tenants_unknown_and_unfinished_models(backend):
             ensure_registered(session, name=f"ft:tiny-mistral:acme::{running_id.removeprefix('job_')}",
                               tenant_id=acme_id)
         assert raised.value.headers == {"alignd-job-status": "running"} and "running" in raised.value.message
+        with pytest.raises(NotFound):  # Postgres cannot store (or compare with) a NUL
+            ensure_registered(session, name=f"{name}\x00", tenant_id=acme_id)
         with pytest.raises(NotFound):  # the right job, the wrong name
             ensure_registered(session, name=name.replace(":acme:", ":globex:"), tenant_id=acme_id)
+
+
+def test_a_nul_in_a_model_name_answers_404_through_the_api(api):
+    chat = api.http.post("/v1/chat/completions", headers=api.headers(), json={
+        "model": "ft:tiny-mistral:acme::abc\x00", "messages": [{"role": "user", "content": "hi"}]})
+    assert chat.status_code == 404 and chat.json()["error"]["code"] == "model_not_found"
+    assert api.http.get("/v1/models/ft:tiny-mistral%00", headers=api.headers()).status_code == 404
+    generate = api.http.post("/v1/models/%00/generate", headers=api.headers(), json={"inputs": "hi"})
+    assert generate.status_code == 404
