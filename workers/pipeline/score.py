@@ -187,9 +187,11 @@ def load_reward_model(spec: RewardModelSpec, model_root: Path, *,
     if spec.type == "judge":
         from workers.pipeline.judge import ChatJudge
 
-        assert spec.judge is not None, "a judge reward needs its settings"
+        if spec.judge is None:
+            raise ValueError("a judge reward needs its settings: build the spec with reward_model_spec()")
         return RewardModel(spec, ChatJudge(spec.judge, judge_allowlist))
-    assert spec.model is not None, f"a {spec.type} reward needs a model"
+    if spec.model is None:
+        raise ValueError(f"a {spec.type} reward needs a model")
     resolved = resolve(spec.model, model_root)
     if spec.type == "pairrm":
         from workers.pipeline.pairrm import load_pairrm
@@ -201,7 +203,8 @@ def load_reward_model(spec: RewardModelSpec, model_root: Path, *,
     if spec.type == "implicit":
         from workers.pipeline.implicit_rm import load_implicit_rm
 
-        assert spec.reference_model is not None, "an implicit reward needs a reference model"
+        if spec.reference_model is None:
+            raise ValueError("an implicit reward needs a reference model: build the spec with reward_model_spec()")
         reference = resolve(spec.reference_model, model_root)
         with oom_as_domain_error():
             loaded = load_implicit_rm(resolved.location, reference.location, max_length=spec.max_length,
