@@ -81,3 +81,20 @@ def test_alignd_vllm_command_for_a_base_model(tmp_path):
     refused = subprocess.run([sys.executable, "-m", "alignd.cli", "vllm", "--base-model", "../etc", "--dry-run"],
                              env=env, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "error" in refused.stderr
+
+
+@pytest.mark.parametrize("kind", ["pairrm", "scalar"])
+def test_rerank_scores_are_the_pipelines_own(kind, tiny_models):
+    from app.core.config import Settings
+    from app.schemas.job_spec import RewardModelConfig
+    from workers.pipeline.score import load_reward_model, reward_model_spec
+    from workers.serving.rerank import score_candidates
+
+    config = RewardModelConfig(type=kind, model=tiny_models.pairrm if kind == "pairrm" else tiny_models.scalar_rm)
+    candidates = ["the kind happy cat", "a cold empty road", "bright sunny lovely day"]
+    scores = score_candidates(config, Settings(model_root=tiny_models.root), "[INST] what the cat sees ? [/INST]",
+                              candidates)
+    direct = load_reward_model(reward_model_spec(config), tiny_models.root).score_candidates(
+        [[{"role": "user", "content": "what the cat sees ?"}]], [candidates]).scores[0]
+    assert scores == pytest.approx(direct, abs=1e-4)
+    assert max(range(3), key=lambda i: scores[i]) != 1  # the liked words win

@@ -1,8 +1,9 @@
 """Best-of-N reranking: score a prompt's N candidate answers with a job's reward model.
 
 Reward models are loaded with the pipeline's loader (`workers.pipeline.score`) and kept: a rerank
-worker answers many requests for the same few jobs. Scores are the pipeline's own: the scalar
-reward, or PairRM's bias-cancelled mean pairwise logit over the other candidates.
+worker answers many requests for the same few jobs. Scores are the pipeline's own for the job's
+reward kind: an absolute reward (scalar, implicit, rules), or the mean bias-cancelled pairwise
+logit over the other candidates (PairRM, judge).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 from app.core.config import Settings
 from app.schemas.job_spec import RewardModelConfig
 from workers.pipeline.prompts import Messages
-from workers.pipeline.score import RewardModel, RewardModelSpec, load_reward_model
+from workers.pipeline.score import RewardModel, load_reward_model, reward_model_spec
 
 _INST = re.compile(r"\[INST\](.*?)\[/INST\]", re.DOTALL)
 _SPECIALS = re.compile(r"</?s>")
@@ -76,9 +77,9 @@ _SCORING = threading.Lock()
 
 
 def _load(config: RewardModelConfig, settings: Settings) -> RewardModel:
-    spec = RewardModelSpec(type=config.type, model=config.model, batch_size=config.batch_size,
-                           max_length=config.max_length)
-    return load_reward_model(spec, settings.resolved_model_root)
+    """Every reward kind the pipeline knows (PairRM, scalar, implicit, judge, rules), as a round loads it."""
+    return load_reward_model(reward_model_spec(config), settings.resolved_model_root,
+                             judge_allowlist=tuple(settings.judge_endpoint_allowlist))
 
 
 def score_candidates(config: RewardModelConfig, settings: Settings, prompt: Any, candidates: list[str]) -> list[float]:
