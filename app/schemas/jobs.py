@@ -7,6 +7,7 @@ from pydantic import BaseModel
 
 from app.schemas.job_spec import (
     AlgorithmConfig,
+    EarlyStoppingConfig,
     GenerationConfig,
     PairingConfig,
     RewardModelConfig,
@@ -41,6 +42,11 @@ class JobRead(BaseModel):
     rounds: int
     samples_per_prompt: int
     eval_fraction: float
+    reuse_prompts: bool
+    split_seed: int
+    selection: Literal["best", "last"]
+    early_stopping: EarlyStoppingConfig | None
+    length_growth_warning: float | None
     current_round: int
     progress: JobProgress
     created_at: datetime

@@ -11,7 +11,9 @@ from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Session
 
 from app import queue
-from app.core.errors import Conflict, InvalidRequest, NotFound
+from app.core.config import get_settings
+from app.core.endpoints import endpoint_allowed
+from app.core.errors import Conflict, InvalidRequest, NotFound, UnprocessableRequest
 from app.core.security import new_id
 from app.db.fast_reads import job_reader
 from app.db.models import Job, JobRound, PromptSet, Tenant
@@ -46,7 +48,9 @@ def document_from_row(row: Mapping[str, Any]) -> dict[str, Any]:
         "prompt_set": row["prompt_set_id"], "reward_model": spec["reward_model"], "algorithm": spec["algorithm"],
         "pairing": spec["pairing"], "generation": spec["generation"], "training": spec["training"],
         "rounds": row["rounds"], "samples_per_prompt": spec["samples_per_prompt"],
-        "eval_fraction": spec["eval_fraction"], "current_round": row["current_round"],
+        "eval_fraction": spec["eval_fraction"], "reuse_prompts": spec["reuse_prompts"],
+        "split_seed": spec["split_seed"], "selection": spec["selection"], "early_stopping": spec["early_stopping"],
+        "length_growth_warning": spec["length_growth_warning"], "current_round": row["current_round"],
         "progress": {"phase": row["phase"], "fraction": round(row["progress_fraction"], 4)},
         "created_at": _timestamp(row["created_at"]), "started_at": _timestamp(row["started_at"]),
         "finished_at": _timestamp(row["finished_at"]),
@@ -70,6 +74,10 @@ def create_job(session: Session, *, tenant: Tenant, body: JobCreate) -> Job:
     if prompt_set is None:
         raise InvalidRequest(f"no prompt set {body.prompt_set!r}", param="prompt_set", code="prompt_set_not_found")
     spec = body.spec()
+    judge = spec.reward_model.judge
+    if judge is not None and not endpoint_allowed(judge.endpoint, get_settings().judge_endpoint_allowlist):
+        raise UnprocessableRequest(f"judge endpoint {judge.endpoint!r} is not in this service's allowlist",
+                                   param="reward_model.judge.endpoint", code="judge_endpoint_not_allowed")
     job = Job(id=new_id("job"), tenant_id=tenant.id, prompt_set_id=prompt_set.id, status="validating",
               base_model=spec.base_model, spec=spec.model_dump(mode="json"), rounds=spec.rounds,
               suffix=body.suffix, webhook_url=body.webhook_url, job_metadata=body.metadata)

@@ -83,3 +83,19 @@ def test_body_over_the_limit_without_content_length_answers_413(api):
 def test_unknown_route_and_method_use_the_envelope(api):
     assert_envelope(api.http.get("/v1/nothing", headers=api.headers()), 404)
     assert_envelope(api.http.put("/v1/jobs", headers=api.headers()), 405)
+
+
+def test_judge_endpoint_outside_the_allowlist_answers_422(api, monkeypatch):
+    from tests.conftest import reset_caches
+
+    prompt_set = upload(api).json()
+    judge = {"type": "judge", "model": "judge-model", "judge": {"endpoint": "http://judge.internal:8000/v1"}}
+    body = {**BASE, "prompt_set": prompt_set["id"], "reward_model": judge}
+    error = assert_envelope(api.http.post("/v1/jobs", json=body, headers=api.headers()), 422,
+                            "judge_endpoint_not_allowed")
+    assert error["param"] == "reward_model.judge.endpoint"
+    assert count_rows(Job) == 0
+    monkeypatch.setenv("ALIGND_JUDGE_ENDPOINT_ALLOWLIST", '["http://judge.internal:8000/v1"]')
+    reset_caches()
+    response = api.http.post("/v1/jobs", json=body, headers=api.headers())
+    assert response.status_code == 201, response.text

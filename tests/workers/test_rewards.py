@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+from app.core.endpoints import endpoint_allowed
 from app.schemas.job_spec import RewardModelConfig
 from tests.workers.fake_judge import fake_judge
 from workers.errors import JudgeEndpointNotAllowed, JudgeUnavailable
-from workers.pipeline.judge import JUDGE_LOGIT, endpoint_allowed, parse_verdict, render_judge_prompt
+from workers.pipeline.judge import JUDGE_LOGIT, parse_verdict, render_judge_prompt
 from workers.pipeline.rules import RuleScorer, RuleSet
 from workers.pipeline.score import load_reward_model, reward_model_spec
 

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from app.core.endpoints import endpoint_allowed
 from workers.errors import JudgeEndpointNotAllowed, JudgeUnavailable
 from workers.pipeline.prompts import Messages
 
@@ -46,20 +47,6 @@ class JudgeSettings:
         return cls(endpoint=config.endpoint, model=model, prompt_template=config.prompt_template,
                    temperature=config.temperature, max_tokens=config.max_tokens, timeout_s=config.timeout_s,
                    max_concurrency=config.max_concurrency)
-
-
-def _normalise(url: str) -> str:
-    return url.strip().rstrip("/")
-
-
-def endpoint_allowed(endpoint: str, allowlist: Sequence[str]) -> bool:
-    """`endpoint` is an allowlisted base URL or a path below one (never a longer host name)."""
-    target = _normalise(endpoint)
-    for entry in allowlist:
-        base = _normalise(entry)
-        if base and (target == base or target.startswith(base + "/")):
-            return True
-    return False
 
 
 def render_judge_prompt(template: str, prompt: Messages, answer_a: str, answer_b: str) -> str:
@@ -96,7 +83,7 @@ class ChatJudge:
 
         body = {"model": self.settings.model, "messages": [{"role": "user", "content": text}],
                 "temperature": self.settings.temperature, "max_tokens": self.settings.max_tokens}
-        url = _normalise(self.settings.endpoint) + "/chat/completions"
+        url = self.settings.endpoint.strip().rstrip("/") + "/chat/completions"
         try:
             response = self.http.post(url, json=body)
             response.raise_for_status()

@@ -9,6 +9,7 @@ from sqlalchemy import select
 
 from app import queue
 from app.core.config import get_settings
+from app.core.endpoints import endpoint_allowed
 from app.core.model_names import ModelNameError, resolve_model_name
 from app.db.base import utcnow
 from app.db.models import Job, PromptSet
@@ -18,7 +19,6 @@ from app.services.events import add_event
 from app.services.job_lifecycle import after_commit_notify, finish_job
 from app.services.jobs import job_spec
 from workers.celery_app import celery_app
-from workers.pipeline.judge import endpoint_allowed
 from workers.routing import choose_gpu_queue
 
 log = logging.getLogger("alignd.worker")
