@@ -7,18 +7,20 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.api.limits import BodySizeLimit
+from app.api.limits import BodySizeLimit, RejectNulInUrl
 from app.api.metrics import MetricsMiddleware
 from app.api.router import api_router
 from app.core.config import get_settings
 from app.core.errors import install_error_handlers
 from app.db.fast_reads import close_readers
 from app.db.session import dispose_async_engines
+from app.services.model_backends import close_http_clients
 
 
 @asynccontextmanager
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     yield
+    await close_http_clients()
     await close_readers()
     await dispose_async_engines()
 
@@ -31,5 +33,6 @@ def create_app() -> FastAPI:
     app.include_router(api_router)
     app.add_middleware(BodySizeLimit, json_limit=settings.max_json_body_bytes,
                        upload_limit=settings.max_upload_bytes)
+    app.add_middleware(RejectNulInUrl)
     app.add_middleware(MetricsMiddleware)
     return app

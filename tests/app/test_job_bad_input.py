@@ -99,3 +99,9 @@ def test_judge_endpoint_outside_the_allowlist_answers_422(api, monkeypatch):
     reset_caches()
     response = api.http.post("/v1/jobs", json=body, headers=api.headers())
     assert response.status_code == 201, response.text
+
+
+@pytest.mark.parametrize("url", ["/v1/jobs?after=%00", "/v1/jobs/job_%00", "/v1/prompt-sets/ps%00x",
+                                 "/v1/jobs?status=running%00"])
+def test_nul_in_the_url_answers_422(api, url):
+    assert_envelope(api.http.get(url, headers=api.headers()), 422, "nul_byte")
