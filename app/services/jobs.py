@@ -78,6 +78,12 @@ def create_job(session: Session, *, tenant: Tenant, body: JobCreate) -> Job:
     if judge is not None and not endpoint_allowed(judge.endpoint, get_settings().judge_endpoint_allowlist):
         raise UnprocessableRequest(f"judge endpoint {judge.endpoint!r} is not in this service's allowlist",
                                    param="reward_model.judge.endpoint", code="judge_endpoint_not_allowed")
+    settings = get_settings()
+    if (spec.training.method == "lora" and spec.base_model in settings.vllm_base_urls
+            and spec.training.lora.r > settings.vllm_max_lora_rank):
+        raise UnprocessableRequest(f"training.lora.r {spec.training.lora.r} exceeds the rank vLLM serves for "
+                                   f"{spec.base_model} ({settings.vllm_max_lora_rank})", param="training.lora.r",
+                                   code="lora_rank_not_servable")
     job = Job(id=new_id("job"), tenant_id=tenant.id, prompt_set_id=prompt_set.id, status="validating",
               base_model=spec.base_model, spec=spec.model_dump(mode="json"), rounds=spec.rounds,
               suffix=body.suffix, webhook_url=body.webhook_url, job_metadata=body.metadata)

@@ -105,3 +105,17 @@ def test_judge_endpoint_outside_the_allowlist_answers_422(api, monkeypatch):
                                  "/v1/jobs?status=running%00"])
 def test_nul_in_the_url_answers_422(api, url):
     assert_envelope(api.http.get(url, headers=api.headers()), 422, "nul_byte")
+
+
+def test_lora_rank_above_what_vllm_serves_answers_422(api, monkeypatch):
+    from tests.conftest import reset_caches
+
+    monkeypatch.setenv("ALIGND_VLLM_BASE_URLS", '{"tiny-mistral": "http://vllm:8000"}')
+    reset_caches()
+    prompt_set = upload(api).json()
+    body = {**BASE, "prompt_set": prompt_set["id"], "training": {"lora": {"r": 128, "alpha": 128}}}
+    error = assert_envelope(api.http.post("/v1/jobs", json=body, headers=api.headers()), 422,
+                            "lora_rank_not_servable")
+    assert error["param"] == "training.lora.r" and count_rows(Job) == 0
+    body["training"] = {"lora": {"r": 64, "alpha": 64}}
+    assert api.http.post("/v1/jobs", json=body, headers=api.headers()).status_code == 201
