@@ -26,20 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_DIR = ROOT / ".demo"
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
-# Sized for a 2-core CPU: a few seconds per round on the tiny model, strong enough to move it.
-JOB = {
-    "base_model": "tiny-mistral",
-    "reward_model": {"type": "scalar", "model": "tiny-rm"},
-    "rounds": 3,
-    "samples_per_prompt": 4,
-    "eval_fraction": 0.2,
-    "reuse_prompts": True,
-    "generation": {"max_new_tokens": 16, "temperature": 1.0, "top_p": 1.0, "batch_size": 32},
-    "training": {"learning_rate": 1e-2, "epochs": 3, "batch_size": 8, "max_length": 96, "max_prompt_length": 48,
-                 "warmup_ratio": 0.0, "lr_scheduler_type": "constant", "lora": {"r": 8, "alpha": 16}},
-    "algorithm": {"type": "dpo", "beta": 0.1},
-    "suffix": "demo",
-}
+
+
+def demo_job() -> dict:
+    from workers.tiny_models import tiny_job_settings
+
+    return {"base_model": "tiny-mistral", "reward_model": {"type": "scalar", "model": "tiny-rm"}, "rounds": 3,
+            **tiny_job_settings(), "suffix": "demo"}
 
 
 def say(text: str) -> None:
@@ -90,7 +83,7 @@ def run_job(api: httpx.Client) -> dict:
                           data={"name": "demo-prompts"}).raise_for_status().json()
     print(f"{prompt_set['id']}: {prompt_set['num_prompts']} prompts, sha256 {prompt_set['sha256'][:12]}...")
     say("creating a 3-round iterative DPO job (scalar reward model)")
-    job = api.post("/v1/jobs", json={**JOB, "prompt_set": prompt_set["id"]}).raise_for_status().json()
+    job = api.post("/v1/jobs", json={**demo_job(), "prompt_set": prompt_set["id"]}).raise_for_status().json()
     print(f"{job['id']}: {job['status']}")
     say("following the job's events")
     with api.stream("GET", f"/v1/jobs/{job['id']}/events", params={"stream": "true"},

@@ -334,6 +334,21 @@ def build_pairrm(out_dir: Path, corpus: list[str], steps: int = 300) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+def tiny_job_settings() -> dict[str, Any]:
+    """Job fields sized for the tiny models on a 2-core CPU: seconds per round, yet strong enough to
+    move the policy towards the liked words within three rounds (the demo and the tests use them)."""
+    return {
+        "samples_per_prompt": 4,
+        "eval_fraction": 0.2,
+        "reuse_prompts": True,
+        "generation": {"max_new_tokens": 16, "temperature": 1.0, "top_p": 1.0, "batch_size": 32},
+        "training": {"learning_rate": 1e-2, "epochs": 3, "batch_size": 8, "max_length": 96,
+                     "max_prompt_length": 48, "warmup_ratio": 0.0, "lr_scheduler_type": "constant",
+                     "lora": {"r": 8, "alpha": 16}},
+        "algorithm": {"type": "dpo", "beta": 0.1},
+    }
+
+
 def build_tiny_models(out_dir: Path) -> TinyModels:
     """Build all tiny models into `out_dir` (deterministic) and return their names."""
     import torch

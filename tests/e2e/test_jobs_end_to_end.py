@@ -8,22 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from workers.tiny_models import synthetic_prompts
+from workers.tiny_models import synthetic_prompts, tiny_job_settings
 
 pytestmark = pytest.mark.slow
 
-# Small enough for seconds per round on two CPU cores, strong enough that three rounds of DPO move
-# the tiny policy towards the reward models' liked words.
-FAST = {
-    "samples_per_prompt": 4,
-    "eval_fraction": 0.2,
-    "reuse_prompts": True,
-    "generation": {"max_new_tokens": 16, "temperature": 1.0, "top_p": 1.0, "batch_size": 32},
-    "training": {"learning_rate": 1e-2, "epochs": 3, "batch_size": 8, "max_length": 96,
-                 "max_prompt_length": 48, "warmup_ratio": 0.0, "lr_scheduler_type": "constant",
-                 "lora": {"r": 8, "alpha": 16}},
-    "algorithm": {"type": "dpo", "beta": 0.1},
-}
+FAST = tiny_job_settings()
 
 
 def prompts(n: int, seed: int = 0) -> list[str]:
