@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import weakref
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -96,7 +97,7 @@ def _load_lock(url: str, name: str) -> asyncio.Lock:
     return locks.setdefault((url, name), asyncio.Lock())
 
 
-class ModelBackend:
+class ModelBackend(ABC):
     """One model on one backend. `post` answers JSON, `stream` yields the SSE bytes as they come."""
 
     def __init__(self, client: httpx.AsyncClient, route: BackendRoute, model: ServedModelInfo) -> None:
@@ -143,8 +144,9 @@ class ModelBackend:
 
         return passthrough()
 
+    @abstractmethod
     async def generate(self, inputs: str, parameters: GenerateParameters, n: int) -> list[dict[str, Any]]:
-        raise NotImplementedError
+        """The `[INST]` endpoint: each backend tokenizes raw text its own way (one BOS, no template)."""
 
 
 class EmbeddedBackend(ModelBackend):
