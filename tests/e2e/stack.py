@@ -9,11 +9,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 
 ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -113,6 +116,35 @@ class Stack:
         out = subprocess.run([sys.executable, "-m", "alignd.cli", "keys", "create", "--tenant", tenant],
                              env=self.env, cwd=ROOT, capture_output=True, text=True, check=True)
         return out.stdout.strip().splitlines()[-1]
+
+
+@contextmanager
+def isolated_stack(model_root: Path, home: Path, *, redis_offset: int, **settings: str) -> Iterator[Stack]:
+    """A stack on its own Postgres database and Redis index (the API tests truncate theirs between
+    tests), torn down with its database afterwards. Starts nothing: the caller picks processes."""
+    from tests.conftest import REDIS_URL, create_pg_database, drop_pg_database
+
+    db_name, database_url = create_pg_database()
+    broker_url = f"{REDIS_URL}/{1 + (os.getpid() + redis_offset) % 15}"
+    redis.Redis.from_url(broker_url).flushdb()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("ALIGND_")},
+        "ALIGND_DATABASE_URL": database_url,
+        "ALIGND_BROKER_URL": broker_url,
+        "ALIGND_HOME": str(home),
+        "ALIGND_MODEL_ROOT": str(model_root),
+        "ALIGND_ARTIFACT_ROOT": str(home / "artifacts"),
+        "PYTHONUNBUFFERED": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **settings,
+    }
+    stack = Stack(env=env, logs=home)
+    try:
+        stack.migrate()
+        yield stack
+    finally:
+        stack.stop()
+        drop_pg_database(db_name)
 
 
 @dataclass

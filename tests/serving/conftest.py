@@ -4,16 +4,13 @@ one model trained by a real one-round job through it. Module-scoped: the stack t
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-import redis
 
-from tests.conftest import REDIS_URL, create_pg_database, drop_pg_database
-from tests.e2e.stack import Client, Stack, free_port
+from tests.e2e.stack import Client, Stack, free_port, isolated_stack
 from workers.tiny_models import synthetic_prompts
 
 # One short round on the tiny policy with the scalar reward model (tests/e2e's FAST, fewer prompts).
@@ -59,25 +56,9 @@ def prompt_lines(n: int, seed: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def served(tiny_models, tmp_path_factory) -> Iterator[Served]:
-    home = tmp_path_factory.mktemp("serving-stack")
-    db_name, database_url = create_pg_database()
-    broker_url = f"{REDIS_URL}/{1 + (os.getpid() + 11) % 15}"
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("ALIGND_")},
-        "ALIGND_DATABASE_URL": database_url,
-        "ALIGND_BROKER_URL": broker_url,
-        "ALIGND_HOME": str(home),
-        "ALIGND_MODEL_ROOT": str(tiny_models.root),
-        "ALIGND_ARTIFACT_ROOT": str(home / "artifacts"),
-        "ALIGND_MODEL_SERVER_URL": f"http://127.0.0.1:{free_port()}",
-        "ALIGND_RERANK_TIMEOUT_S": "90",
-        "PYTHONUNBUFFERED": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    redis.Redis.from_url(broker_url).flushdb()
-    stack = Stack(env=env, logs=home)
-    try:
-        stack.migrate()
+    with isolated_stack(tiny_models.root, tmp_path_factory.mktemp("serving-stack"), redis_offset=11,
+                        ALIGND_MODEL_SERVER_URL=f"http://127.0.0.1:{free_port()}",
+                        ALIGND_RERANK_TIMEOUT_S="90") as stack:
         stack.start_api()
         stack.start_gpu_worker()
         stack.start_default_worker()
@@ -90,6 +71,3 @@ def served(tiny_models, tmp_path_factory) -> Iterator[Served]:
         job = client.wait(job["id"], timeout=600)
         assert job["status"] == "succeeded", (job, stack.log("gpu-worker"))
         yield Served(stack=stack, client=client, other=other, job=job)
-    finally:
-        stack.stop()
-        drop_pg_database(db_name)
