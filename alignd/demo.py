@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import httpx
 
 from alignd.client_commands import format_rounds_table
+from alignd.processes import stop_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_DIR = ROOT / ".demo"
@@ -172,12 +172,7 @@ def main() -> int:
         return 0
     finally:
         say("shutting down")
-        os.killpg(up.pid, signal.SIGTERM)
-        try:
-            up.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(up.pid, signal.SIGKILL)
-            up.wait()
+        stop_process_group(up, timeout=60)
         print("stopped.")
 
 

@@ -91,11 +91,6 @@ def _accept(record: ApiKey | None, key_hash: str) -> Tenant:
     return record.tenant
 
 
-def authenticate(session: Session, *, authorization: str | None) -> Tenant:
-    key_hash = _bearer_key_hash(authorization)
-    return KEY_CACHE.get(key_hash) or _accept(session.scalar(_active_key(key_hash)), key_hash)
-
-
 def cached_tenant(authorization: str | None) -> Tenant | None:
     """The tenant of a recently seen, well-formed key; None means: ask the database."""
     try:

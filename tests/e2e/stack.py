@@ -18,6 +18,8 @@ from typing import Any
 import httpx
 import redis
 
+from alignd.processes import stop_process_group
+
 ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
@@ -99,14 +101,7 @@ class Stack:
 
     def stop(self) -> None:
         for name in list(self.processes):
-            proc = self.processes.pop(name)
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            stop_process_group(self.processes.pop(name), timeout=20)
 
     def log(self, name: str) -> str:
         path = self.logs / f"{name}.log"

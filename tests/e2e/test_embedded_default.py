@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import time
 import httpx
 import pytest
 
+from alignd.processes import stop_process_group
 from tests.e2e.stack import ROOT, free_port
 from tests.e2e.test_jobs_end_to_end import FAST, prompts
 
@@ -57,9 +57,4 @@ def test_alignd_up_runs_a_job_on_the_embedded_default(tiny_models, tmp_path):
         assert answer.status_code == 200, answer.text
         assert isinstance(answer.json()[0]["generated_text"], str)
     finally:
-        os.killpg(up.pid, signal.SIGTERM)
-        try:
-            up.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(up.pid, signal.SIGKILL)
-            up.wait()
+        stop_process_group(up, timeout=60)
