@@ -4,12 +4,11 @@
 #
 #   api     python slim, no torch. `alignd api`, `alignd db upgrade` (the migration Job) and the
 #           default-queue worker (`alignd worker --queues default --beat`: webhooks, housekeeping).
-#   worker  CUDA runtime. GPU workers (`alignd worker --queues gpu`) and vLLM serving
-#           (`/opt/vllm/bin/vllm serve ...`). Two virtual environments: /opt/alignd holds alignd
-#           with torch, TRL, PEFT, llm-blender and DeepSpeed; /opt/vllm holds vLLM. vLLM pins its own
-#           transformers (< 5.20) and FastAPI (< 0.137), which cannot share an environment with
-#           alignd's (transformers 5.23, FastAPI 0.165); both pin torch 2.13.0, and the identical
-#           files of the two environments are hard-linked, so torch and CUDA are stored once.
+#   worker  CUDA runtime. GPU workers (`alignd worker --queues gpu`), the rerank worker, and vLLM
+#           serving (`alignd vllm --base-model NAME`, which execs `vllm serve`). One environment,
+#           /opt/alignd: alignd with torch, TRL, PEFT, llm-blender, DeepSpeed and vLLM (the `train`
+#           and `gpu` extras). pyproject.toml's pins are chosen so vLLM 0.32.0 installs beside
+#           alignd: it pins torch 2.13.0, transformers < 5.20 and FastAPI < 0.137.
 #
 #   docker build --target api    -t alignd-api:0.1.0 .
 #   docker build --target worker -t alignd-worker:0.1.0 .
@@ -75,7 +74,6 @@ FROM nvidia/cuda:13.0.1-runtime-ubuntu24.04 AS worker
 
 ARG PYTHON_VERSION=3.11.18
 ARG DEEPSPEED_VERSION=0.19.8
-ARG VLLM_VERSION=0.32.0
 
 COPY --from=uv /uv /usr/local/bin/uv
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -104,18 +102,13 @@ RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/alignd --shell
 WORKDIR /app
 
 COPY pyproject.toml README.md ./
-# One layer for the interpreter and both environments, so that `hardlink` can merge the files
-# they share (torch, the nvidia-* CUDA wheels: several GB) before the layer is written.
 # DeepSpeed installs without compiled ops (DS_BUILD_OPS=0): ZeRO-3 without offload, with the
 # HF Trainer's own AdamW (deploy/deepspeed/zero3.json has no "optimizer" block), needs none.
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv python install "${PYTHON_VERSION}" \
  && uv venv /opt/alignd --python "${PYTHON_VERSION}" \
- && uv pip install --python /opt/alignd/bin/python -r pyproject.toml --extra train \
-        "deepspeed==${DEEPSPEED_VERSION}" \
- && uv venv /opt/vllm --python "${PYTHON_VERSION}" \
- && uv pip install --python /opt/vllm/bin/python "vllm==${VLLM_VERSION}" \
- && hardlink --content /opt/alignd /opt/vllm
+ && uv pip install --python /opt/alignd/bin/python -r pyproject.toml --extra train --extra gpu \
+        "deepspeed==${DEEPSPEED_VERSION}"
 
 COPY alembic.ini ./
 COPY alignd ./alignd
