@@ -10,8 +10,11 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# vLLM accepts only these as --max-lora-rank (LoRAConfig.max_lora_rank, vLLM 0.32).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 class Settings(BaseSettings):
@@ -65,6 +68,13 @@ class Settings(BaseSettings):
 
     webhook_max_retries: int = 8
     webhook_timeout_s: float = 10.0
+
+    @field_validator("vllm_max_lora_rank")
+    @classmethod
+    def _a_rank_vllm_accepts(cls, rank: int) -> int:
+        if rank not in VLLM_LORA_RANKS:
+            raise ValueError(f"vLLM's --max-lora-rank must be one of {list(VLLM_LORA_RANKS)}, got {rank}")
+        return rank
 
     @model_validator(mode="after")
     def _refuse_dev_defaults_in_production(self) -> Settings:

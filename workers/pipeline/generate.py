@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.core.config import VLLM_LORA_RANKS
 from workers.pipeline.hooks import RoundHooks
 from workers.pipeline.loading import has_gpu, load_policy, load_tokenizer, oom_as_domain_error
 from workers.pipeline.prompts import Messages, render_prompt_ids
@@ -26,10 +27,14 @@ class GenerationConfig:
     top_p: float = 0.9
     batch_size: int = 16
     seed: int = 0
+    tensor_parallel_size: int = 1  # vLLM only: GPUs the offline engine shards the model over
+    gpu_memory_utilization: float = 0.85  # vLLM only: share of each GPU the engine may take
 
     def __post_init__(self) -> None:
         if self.samples_per_prompt < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError("samples_per_prompt, max_new_tokens and batch_size must be >= 1")
+        if self.tensor_parallel_size < 1 or not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("tensor_parallel_size must be >= 1 and gpu_memory_utilization in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -135,7 +140,11 @@ def _cut_at_eos(row: list[int], eos_ids: list[int], pad_id: int) -> list[int]:
 
 def _generate_vllm(policy: PolicyModel, prompts: Sequence[Messages], config: GenerationConfig,
                    hooks: RoundHooks) -> GenerationResult:
-    """vLLM offline engine; the adapter is served through `LoRARequest` rather than merged."""
+    """vLLM offline engine; the adapter is served through `LoRARequest` rather than merged.
+
+    The engine lives for one call: the worker trains on the same GPUs between generations, so the
+    engine is shut down and its memory handed back before returning (also on cancel or error).
+    """
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
@@ -143,25 +152,51 @@ def _generate_vllm(policy: PolicyModel, prompts: Sequence[Messages], config: Gen
     tokenizer = load_tokenizer(policy.base_location)
     prompt_ids = [render_prompt_ids(tokenizer, p) for p in prompts]
     lora_rank = _adapter_rank(policy.adapter_dir)
+    _release_gpu_memory()  # what training left in torch's cache: vLLM sizes its KV cache from free memory
     llm = LLM(model=policy.base_location, tokenizer=policy.base_location, trust_remote_code=False,
-              load_format="safetensors", seed=config.seed, enable_lora=lora_rank is not None,
-              max_lora_rank=max(lora_rank or 16, 8), dtype="auto")
-    params = SamplingParams(n=config.samples_per_prompt, temperature=config.temperature, top_p=config.top_p,
-                            max_tokens=config.max_new_tokens, seed=config.seed)
-    lora = LoRARequest("policy", 1, str(policy.adapter_dir)) if lora_rank is not None else None
-    completions: list[list[str]] = []
-    counts: list[list[int]] = []
-    start = time.perf_counter()
-    chunk = max(config.batch_size, 256)  # vLLM batches internally; chunks only bound cancel latency
-    for first in range(0, len(prompt_ids), chunk):
-        hooks.check_cancelled()
-        batch = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids[first:first + chunk]]
-        for request in llm.generate(batch, params, lora_request=lora, use_tqdm=False):
-            completions.append([o.text.strip() for o in request.outputs])
-            counts.append([len(o.token_ids) for o in request.outputs])
-    wall = time.perf_counter() - start
+              load_format="safetensors", seed=config.seed, dtype="auto",
+              tensor_parallel_size=config.tensor_parallel_size,
+              gpu_memory_utilization=config.gpu_memory_utilization,
+              enable_lora=lora_rank is not None, max_lora_rank=vllm_lora_rank(lora_rank or 16))
+    try:
+        params = SamplingParams(n=config.samples_per_prompt, temperature=config.temperature, top_p=config.top_p,
+                                max_tokens=config.max_new_tokens, seed=config.seed)
+        lora = LoRARequest("policy", 1, str(policy.adapter_dir)) if lora_rank is not None else None
+        completions: list[list[str]] = []
+        counts: list[list[int]] = []
+        start = time.perf_counter()
+        chunk = max(config.batch_size, 256)  # vLLM batches internally; chunks only bound cancel latency
+        for first in range(0, len(prompt_ids), chunk):
+            hooks.check_cancelled()
+            batch = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids[first:first + chunk]]
+            for request in llm.generate(batch, params, lora_request=lora, use_tqdm=False):
+                completions.append([o.text.strip() for o in request.outputs])
+                counts.append([len(o.token_ids) for o in request.outputs])
+        wall = time.perf_counter() - start
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        _release_gpu_memory()
     return GenerationResult(completions=completions, completion_tokens=counts,
                             prompt_tokens=[len(ids) for ids in prompt_ids], wall_s=wall, backend="vllm")
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest rank vLLM accepts as `max_lora_rank` that holds an adapter of rank `rank`."""
+    fitting = [allowed for allowed in VLLM_LORA_RANKS if allowed >= rank]
+    if not fitting:
+        raise ValueError(f"LoRA rank {rank} is above vLLM's largest max_lora_rank ({VLLM_LORA_RANKS[-1]})")
+    return fitting[0]
+
+
+def _release_gpu_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _adapter_rank(adapter_dir: Path | None) -> int | None:

@@ -105,7 +105,8 @@ def _policy_model(start: StartingPolicy) -> PolicyModel:
 def generation_config(spec: JobSpec, *, samples: int, seed: int) -> GenerationConfig:
     g = spec.generation
     return GenerationConfig(samples_per_prompt=samples, max_new_tokens=g.max_new_tokens,
-                            temperature=g.temperature, top_p=g.top_p, batch_size=g.batch_size, seed=seed)
+                            temperature=g.temperature, top_p=g.top_p, batch_size=g.batch_size, seed=seed,
+                            tensor_parallel_size=spec.training.num_gpus)
 
 
 # Job algorithm -> trainer: ipo and sppo_hard are TRL DPO losses (the spec sets `loss_type`).
