@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,11 +44,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     target = vllm.add_mutually_exclusive_group(required=True)
     target.add_argument("--base-model", help="a base model name as jobs give it; serves its jobs' adapters")
     target.add_argument("--model", help="a full fine-tune's name (ft:...), served as its own model")
-    vllm.add_argument("--host", default="127.0.0.1")
+    vllm.add_argument("--host", default="127.0.0.1", help="0.0.0.0 in a container")
     vllm.add_argument("--port", type=int, default=8000)
-    vllm.add_argument("--vllm", default="vllm", help="the vllm executable (e.g. /opt/vllm/bin/vllm)")
+    vllm.add_argument("--tensor-parallel-size", type=int, default=1, metavar="GPUS",
+                      help="GPUs one server shards the model over (default 1)")
+    vllm.add_argument("--vllm", default="vllm", help="the vllm executable (default: vllm on PATH)")
     vllm.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
-    vllm.add_argument("extra", nargs=argparse.REMAINDER, help="further vllm serve flags, after --")
+    vllm.add_argument("extra", nargs=argparse.REMAINDER,
+                      help="further vllm serve flags, after -- (not the ones alignd sets itself)")
     vllm.set_defaults(handler=run_vllm)
 
     up = sub.add_parser("up", help="run everything (database, API, workers) on embedded defaults")
@@ -106,6 +111,29 @@ def run_model_server(args: argparse.Namespace) -> int:
     return 0
 
 
+# Flags `alignd vllm` sets itself, refused after `--`: the LoRA limits must be the settings the API
+# checks jobs against (ALIGND_VLLM_MAX_LORA_RANK refuses a job whose rank vLLM could not serve),
+# the name and address are what ALIGND_VLLM_BASE_URLS points at, and weights load from
+# safetensors without remote code.
+VLLM_FLAGS_SET_BY_ALIGND = {
+    "--enable-lora": "always on for a base model",
+    "--max-loras": "ALIGND_VLLM_MAX_LORAS",
+    "--max-lora-rank": "ALIGND_VLLM_MAX_LORA_RANK",
+    "--load-format": "always safetensors",
+    "--trust-remote-code": "never on",
+    "--served-model-name": "--base-model / --model",
+    "--host": "alignd vllm --host",
+    "--port": "alignd vllm --port",
+    "--tensor-parallel-size": "alignd vllm --tensor-parallel-size",
+    "-tp": "alignd vllm --tensor-parallel-size",
+}
+
+
+def _refused_vllm_flags(extra: list[str]) -> list[str]:
+    names = [arg.split("=", 1)[0] for arg in extra]  # --flag value and --flag=value
+    return [f"{name} ({VLLM_FLAGS_SET_BY_ALIGND[name]})" for name in names if name in VLLM_FLAGS_SET_BY_ALIGND]
+
+
 def run_vllm(args: argparse.Namespace) -> int:
     from app.core.errors import AlignError
     from app.core.model_names import ModelNameError, resolve_model_name
@@ -113,6 +141,14 @@ def run_vllm(args: argparse.Namespace) -> int:
     from app.services.served_models import ensure_registered
     from workers.serving.vllm import VllmServer, environment
 
+    extra = [a for a in args.extra if a != "--"]
+    refused = _refused_vllm_flags(extra)
+    if refused:
+        print(f"error: alignd vllm sets these itself: {', '.join(refused)}", file=sys.stderr)
+        return 2
+    if args.tensor_parallel_size < 1:
+        print("error: --tensor-parallel-size must be at least 1", file=sys.stderr)
+        return 2
     settings = get_settings()
     if args.base_model:
         try:
@@ -134,12 +170,15 @@ def run_vllm(args: argparse.Namespace) -> int:
             return 2
         server = VllmServer(model_location=served.model_path, served_name=args.model, lora=False)
     template = server.fallback_chat_template(settings.home / "vllm" / "templates")
-    extra = [a for a in args.extra if a != "--"]
     argv = server.command(settings, host=args.host, port=args.port, vllm=args.vllm, chat_template=template,
-                          extra=extra)
+                          extra=["--tensor-parallel-size", str(args.tensor_parallel_size), *extra])
     if args.dry_run:
-        print(" ".join(argv))
+        print(shlex.join(argv))
         return 0
+    if shutil.which(argv[0]) is None:
+        print(f"error: {argv[0]} not found: vLLM is installed in the worker image (the `gpu` extra)",
+              file=sys.stderr)
+        return 2
     os.execvpe(argv[0], argv, {**os.environ, **environment()})
 
 

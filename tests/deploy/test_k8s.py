@@ -1,5 +1,6 @@
 """k8s/: render both overlays offline, validate every manifest against the Kubernetes schemas, and
-check that the pieces fit (selectors, references, probes, resources, GPUs, images, security)."""
+check that the pieces fit (selectors, references, the servers the settings name, the vLLM command
+`alignd vllm` builds, queues and their workers, probes, resources, GPUs, images, security)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 import yaml
 
 from tests.deploy.kustomize import Manifest, object_id, pod_specs, render, split_image
+from tests.deploy.vllm_command import assert_serves_like_alignd_needs, vllm_serve_command
 
 REPO = Path(__file__).resolve().parents[2]
 OVERLAYS = {"dev": REPO / "k8s" / "overlays" / "dev", "prod": REPO / "k8s" / "overlays" / "prod"}
@@ -27,6 +29,10 @@ HEARTBEAT_PROBE = "/app/deploy/scripts/worker-heartbeat-check.sh"
 PRESTOP = "/app/deploy/scripts/worker-prestop.sh"
 WAIT_FOR_MIGRATIONS = "/app/deploy/scripts/wait_for_migrations.py"
 WORKLOADS = {"Deployment", "StatefulSet", "Job"}
+DOCKERFILE = REPO / "Dockerfile"
+# Stand-ins for the out-of-band production Secret: `alignd vllm` only needs them to be set.
+PLACEHOLDER_SECRETS = {"ALIGND_DATABASE_URL": "postgresql+psycopg://alignd@db:5432/alignd",
+                       "ALIGND_BROKER_URL": "redis://redis:6379/0"}
 
 
 @pytest.fixture(scope="module", params=sorted(OVERLAYS))
@@ -92,14 +98,91 @@ def mounts(manifest: Manifest, container: Manifest) -> dict[str, tuple[str, bool
     return result
 
 
+def running(manifests: list[Manifest], command: str) -> list[tuple[Manifest, Manifest]]:
+    """(Deployment, container) for every container that runs `alignd <command>`."""
+    return [(m, c) for m in of_kind(manifests, "Deployment") for c in containers(m, init=False)
+            if c.get("args", [None])[0] == command]
+
+
 def vllm_deployments(manifests: list[Manifest]) -> list[Manifest]:
-    return [m for m in of_kind(manifests, "Deployment")
-            if template_labels(m).get("app.kubernetes.io/component") == "model-server"]
+    return [m for m, _ in running(manifests, "vllm")]
 
 
 def arg_value(args: list[str], flag: str) -> str:
     assert flag in args, f"{flag} missing from {args}"
     return args[args.index(flag) + 1]
+
+
+def alignd_image(container: Manifest) -> str | None:
+    """"api" or "worker" for alignd's two images (any registry), None for others."""
+    name = split_image(container["image"])[0]
+    return next((target for target in ("api", "worker") if name.endswith(f"alignd/{target}")), None)
+
+
+def gpu_count(container: Manifest) -> int:
+    return int(container["resources"].get("limits", {}).get("nvidia.com/gpu", 0))
+
+
+def server_behind(manifests: list[Manifest], url: str) -> tuple[Manifest, Manifest, int]:
+    """The Deployment, container and container port that a URL in the settings reaches: a Service
+    of that name with that port, the one Deployment it selects, the container port it targets."""
+    parts = urlsplit(url)
+    assert parts.scheme == "http" and parts.path in ("", "/"), url
+    [service] = [s for s in of_kind(manifests, "Service") if s["metadata"]["name"] == parts.hostname] or [None]
+    assert service is not None, f"{url}: no Service {parts.hostname!r}"
+    [port] = [p for p in service["spec"]["ports"] if p["port"] == parts.port] or [None]
+    assert port is not None, f"{url}: Service {parts.hostname} has no port {parts.port}"
+    selector = service["spec"]["selector"]
+    selected = [d for d in of_kind(manifests, "Deployment") if selector.items() <= template_labels(d).items()]
+    assert len(selected) == 1, f"{url}: Service {parts.hostname} selects {len(selected)} Deployments"
+    target = port.get("targetPort", port["port"])
+    reached = [(c, p["containerPort"]) for c in containers(selected[0], init=False) for p in c.get("ports", [])
+               if target in (p.get("name"), p["containerPort"])]
+    assert len(reached) == 1, f"{url}: target port {target!r} is not one container port"
+    return selected[0], reached[0][0], reached[0][1]
+
+
+def admitted_clients(manifests: list[Manifest], deployment: Manifest, port: int) -> set[str] | None:
+    """Components whose pods the NetworkPolicies let reach `port` of the deployment's pods (None:
+    no policy selects them, so everything may)."""
+    labels = template_labels(deployment)
+    clients: set[str] | None = None
+    for policy in of_kind(manifests, "NetworkPolicy"):
+        selector = policy["spec"]["podSelector"]
+        assert set(selector) == {"matchLabels"}, "only matchLabels pod selectors are read here"
+        if not selector["matchLabels"].items() <= labels.items() or "Ingress" not in policy["spec"]["policyTypes"]:
+            continue
+        if clients is None:
+            clients = set()
+        for rule in policy["spec"].get("ingress", []):
+            if "ports" in rule and port not in {p["port"] for p in rule["ports"]}:
+                continue
+            for peer in rule["from"]:
+                assert set(peer) == {"podSelector"}, "only pods of the namespace, by component"
+                pods = peer["podSelector"]
+                clients |= {v for k, v in pods.get("matchLabels", {}).items() if k == "app.kubernetes.io/component"}
+                for expression in pods.get("matchExpressions", []):
+                    assert expression["key"] == "app.kubernetes.io/component" and expression["operator"] == "In"
+                    clients |= set(expression["values"])
+    return clients
+
+
+def container_env(manifests: list[Manifest], container: Manifest, secrets: dict[str, str]) -> dict[str, str]:
+    """The environment the container starts with: envFrom in order, then env (which wins)."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            env.update(named(manifests, "ConfigMap", source["configMapRef"]["name"])["data"])
+        if "secretRef" in source:
+            env.update(secrets)
+    env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    return env
+
+
+def alignd_secrets(name: str, manifests: list[Manifest]) -> dict[str, str]:
+    if name == "prod":
+        return PLACEHOLDER_SECRETS
+    return named(manifests, "Secret", "alignd-secrets")["stringData"]
 
 
 # ---- rendering and schemas -----------------------------------------------------------------------
@@ -228,9 +311,11 @@ def test_settings_environment_per_overlay(rendered: dict[str, list[Manifest]]) -
     assert config(rendered["prod"])["ALIGND_ENVIRONMENT"] == "production"
     assert config(rendered["dev"])["ALIGND_ENVIRONMENT"] == "development"
     for manifests in rendered.values():
-        # Production refuses to start without these; the rest come from the Secret.
+        # Production refuses to start without the roots; the rest come from the Secret. The
+        # serving URLs and LoRA limits are read by the API and the servers alike.
         settings = config(manifests)
-        assert {"ALIGND_MODEL_ROOT", "ALIGND_ARTIFACT_ROOT", "ALIGND_VLLM_BASE_URLS"} <= settings.keys()
+        assert {"ALIGND_MODEL_ROOT", "ALIGND_ARTIFACT_ROOT", "ALIGND_VLLM_BASE_URLS", "ALIGND_MODEL_SERVER_URL",
+                "ALIGND_VLLM_MAX_LORAS", "ALIGND_VLLM_MAX_LORA_RANK"} <= settings.keys()
         assert not any(word in key for key in settings for word in ("PASSWORD", "SECRET", "DATABASE_URL"))
 
 
@@ -335,18 +420,44 @@ def test_migrations_run_once_and_everything_waits_for_them(overlay: tuple[str, l
 
 # ---- workers -------------------------------------------------------------------------------------
 
-def test_worker_queues_are_queues_the_application_declares(overlay: tuple[str, list[Manifest]]) -> None:
-    from app.queue import DEFAULT_QUEUE, GPU_QUEUES
+def test_every_queue_the_application_routes_to_has_a_worker(overlay: tuple[str, list[Manifest]]) -> None:
+    from app.core.config import Settings
+    from app.queue import DEFAULT_QUEUE, GPU_QUEUES, RERANK_QUEUE, make_celery
 
     _, manifests = overlay
     consumed = set()
     for _, container in workers(manifests):
-        assert set(queues(container)) <= {DEFAULT_QUEUE, *GPU_QUEUES}, container["args"]
+        assert set(queues(container)) <= {DEFAULT_QUEUE, *GPU_QUEUES, RERANK_QUEUE}, container["args"]
         consumed |= set(queues(container))
-    assert {DEFAULT_QUEUE, "gpu"} <= consumed
-    routes = json.loads(config(manifests).get("ALIGND_GPU_QUEUE_ROUTES", "[]"))
-    for _, queue_name in routes:
-        assert queue_name in consumed, f"jobs routed to {queue_name} but no worker consumes it"
+    # A Redis URL: the filesystem broker would make folders; nothing connects here.
+    app = make_celery(Settings(_env_file=None, environment="development", broker_url="redis://redis:6379/0"))
+    routed = {route["queue"] for route in app.conf.task_routes.values()}
+    assert RERANK_QUEUE in routed, "the API sends best-of-N reranking there"
+    # gpu: where validation sends a job no ALIGND_GPU_QUEUE_ROUTES entry takes (workers/routing.py).
+    routed |= {"gpu"} | {q for _, q in json.loads(config(manifests).get("ALIGND_GPU_QUEUE_ROUTES", "[]"))}
+    assert routed <= consumed, f"tasks sent to {routed - consumed} would wait forever"
+
+
+def test_rerank_workers_consume_only_the_rerank_queue(overlay: tuple[str, list[Manifest]]) -> None:
+    from app.queue import RERANK_QUEUE
+
+    name, manifests = overlay
+    settings = config(manifests)
+    [(deployment, container)] = [(m, c) for m, c in workers(manifests) if RERANK_QUEUE in queues(c)]
+    where = object_id(deployment)
+    # Not beside a GPU queue: a round holds its worker for hours, and the API waits 120 s.
+    assert queues(container) == [RERANK_QUEUE] and "--beat" not in container["args"], where
+    assert alignd_image(container) == "worker", "reward models need torch"
+    mounted = mounts(deployment, container)
+    assert mounted[settings["ALIGND_MODEL_ROOT"]] == ("alignd-models", True), where
+    # Reward models resolve under the model root or as hub ids (workers/pipeline/score.py).
+    assert settings["ALIGND_ARTIFACT_ROOT"] not in mounted, f"{where}: reads no artifacts"
+    if name == "prod":
+        # PairRM compares N x (N - 1) pairs; 7B reward models: on CPU, large best_of times out.
+        assert gpu_count(container) == 1, where
+        assert deployment["spec"]["replicas"] >= 2, "a restarting worker must not time every best_of out"
+    else:
+        assert gpu_count(container) == 0, "CPU outside production: PairRM is small"
 
 
 def test_exactly_one_scheduler(overlay: tuple[str, list[Manifest]]) -> None:
@@ -386,7 +497,58 @@ def test_multi_gpu_pool_matches_the_accelerate_config(rendered: dict[str, list[M
     assert accelerate["num_processes"] == max(gpus) > 1
 
 
-# ---- shared volumes and vLLM ---------------------------------------------------------------------
+def test_processes_run_on_the_image_that_has_their_dependencies(overlay: tuple[str, list[Manifest]]) -> None:
+    _, manifests = overlay
+    # The api image has no torch: the API, migrations and the default queue only.
+    for manifest in manifests:
+        for container in containers(manifest, init=False):
+            image, args = alignd_image(container), container.get("args", [])
+            if image is None:
+                continue  # Postgres, Redis
+            light = args[0] in ("api", "db") or (args[0] == "worker" and set(queues(container)) == {"default"})
+            assert image == ("api" if light else "worker"), f"{object_id(manifest)}: {args[:3]} on {image}"
+
+
+def test_args_only_containers_start_alignd(overlay: tuple[str, list[Manifest]]) -> None:
+    _, manifests = overlay
+    entrypoints = re.findall(r"^ENTRYPOINT (.+)$", DOCKERFILE.read_text(), re.M)
+    assert entrypoints and all(json.loads(e) == ["alignd"] for e in entrypoints), entrypoints
+    for manifest in manifests:
+        for container in containers(manifest, init=False):
+            if alignd_image(container):
+                assert "command" not in container, f"{object_id(manifest)}: the image runs `alignd <args>`"
+    for path in (REPO / "k8s").rglob("*.yaml"):
+        assert "/opt/vllm" not in path.read_text(), f"{path}: one environment in the image, /opt/alignd"
+
+
+def test_worker_image_containers_can_write_their_caches(overlay: tuple[str, list[Manifest]]) -> None:
+    # Read-only root filesystem: Hugging Face, Triton and torch.compile caches need a volume.
+    [cache] = re.findall(r"XDG_CACHE_HOME=(\S+)", DOCKERFILE.read_text())
+    _, manifests = overlay
+    for manifest in of_kind(manifests, "Deployment"):
+        for container in containers(manifest, init=False):
+            if alignd_image(container) == "worker":
+                kind, read_only = mounts(manifest, container).get(cache, ("", True))
+                assert kind == "emptyDir" and not read_only, f"{object_id(manifest)}: {cache}"
+
+
+def test_gpu_pods_land_on_gpu_nodes(overlay: tuple[str, list[Manifest]]) -> None:
+    _, manifests = overlay
+    for manifest in of_kind(manifests, "Deployment"):
+        for container in containers(manifest, init=False):
+            resources = container["resources"]
+            if "nvidia.com/gpu" not in resources["limits"] and "nvidia.com/gpu" not in resources["requests"]:
+                continue
+            where = object_id(manifest)
+            assert resources["requests"].get("nvidia.com/gpu") == resources["limits"].get("nvidia.com/gpu"), where
+            spec = manifest["spec"]["template"]["spec"]
+            assert spec["nodeSelector"].get("nvidia.com/gpu.present") == "true", where
+            assert any(t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule" for t in spec["tolerations"])
+            # No surge: there is no spare GPU to start the new pod on before the old one stops.
+            assert manifest["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0, where
+
+
+# ---- shared volumes and serving ------------------------------------------------------------------
 
 def test_artifact_and_model_volumes_are_shared_at_the_configured_paths(overlay: tuple[str, list[Manifest]]) -> None:
     _, manifests = overlay
@@ -394,54 +556,97 @@ def test_artifact_and_model_volumes_are_shared_at_the_configured_paths(overlay: 
     artifacts, models = settings["ALIGND_ARTIFACT_ROOT"], settings["ALIGND_MODEL_ROOT"]
     claims = {c["metadata"]["name"]: c for c in of_kind(manifests, "PersistentVolumeClaim")}
     assert "ReadWriteMany" in claims["alignd-artifacts"]["spec"]["accessModes"]
-    users = [(m, c) for m, c in workers(manifests)] + [
-        (m, c) for m in [named(manifests, "Deployment", "alignd-api"), *vllm_deployments(manifests)]
-        for c in containers(m, init=False)]
+    # vLLM and the embedded model server load the adapters and full models the workers wrote.
+    readers = [*vllm_deployments(manifests), *(m for m, _ in running(manifests, "model-server"))]
+    assert readers
+    # The rerank worker reads no artifacts (test_rerank_workers_consume_only_the_rerank_queue).
+    writers = [(m, c) for m, c in workers(manifests) if queues(c) != ["rerank"]]
+    users = writers + [(m, c) for m in [named(manifests, "Deployment", "alignd-api"), *readers]
+                       for c in containers(m, init=False)]
     for manifest, container in users:
         mounted = mounts(manifest, container)
         where = f"{object_id(manifest)} {container['name']}"
-        assert mounted.get(artifacts, ("", False))[0] == "alignd-artifacts", where
         assert mounted.get(models) == ("alignd-models", True), where
-        is_vllm = manifest in vllm_deployments(manifests)
-        assert mounted[artifacts][1] is is_vllm, f"{where}: vLLM reads artifacts, alignd writes them"
+        assert mounted.get(artifacts, ("", False))[0] == "alignd-artifacts", where
+        assert mounted[artifacts][1] is (manifest in readers), f"{where}: model servers read, alignd writes"
 
 
-def test_vllm_serves_each_configured_base_model_with_runtime_lora(overlay: tuple[str, list[Manifest]]) -> None:
+def test_model_server_url_reaches_the_embedded_model_server(overlay: tuple[str, list[Manifest]]) -> None:
+    """Every model no vLLM serves (full fine-tunes, LoRA models of other bases) goes there
+    (app/services/served_models.py), or answers 503."""
+    _, manifests = overlay
+    deployment, container, port = server_behind(manifests, config(manifests)["ALIGND_MODEL_SERVER_URL"])
+    args = container["args"]
+    assert args[0] == "model-server", args
+    assert arg_value(args, "--host") == "0.0.0.0" and int(arg_value(args, "--port")) == port
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["path"] == "/healthz", probe
+    sources = {next(iter(s.values()))["name"] for s in container["envFrom"]}
+    assert sources == {"alignd-config", "alignd-secrets"}, "settings, and the database for served models"
+    assert gpu_count(container) == 1, "it serves 7B-class models on every request"
+
+
+def test_each_vllm_url_reaches_a_vllm_serving_that_model(overlay: tuple[str, list[Manifest]]) -> None:
     _, manifests = overlay
     base_urls: dict[str, Any] = json.loads(config(manifests)["ALIGND_VLLM_BASE_URLS"])
     assert base_urls
-    models = config(manifests)["ALIGND_MODEL_ROOT"]
+    reached = []
     for model_name, url in base_urls.items():
-        parts = urlsplit(url)
-        service = named(manifests, "Service", parts.hostname)
-        assert parts.port in {p["port"] for p in service["spec"]["ports"]}
-        [deployment] = [d for d in vllm_deployments(manifests)
-                        if service["spec"]["selector"].items() <= template_labels(d).items()]
-        [container] = containers(deployment, init=False)
+        deployment, container, port = server_behind(manifests, url)
+        reached.append(deployment)
         args = container["args"]
-        assert container["command"] == ["/opt/vllm/bin/vllm"] and args[0] == "serve"
-        assert arg_value(args, "--served-model-name") == model_name
-        assert args[1] == f"{models}/{model_name}", "weights from the model volume, not the hub"
-        assert "--enable-lora" in args and "--trust-remote-code" not in args
-        assert arg_value(args, "--load-format") == "safetensors"
-        assert int(arg_value(args, "--max-loras")) >= 1
-        assert int(arg_value(args, "--max-lora-rank")) in {8, 16, 32, 64, 128, 256, 320, 512}
+        assert args[0] == "vllm", f"{url} reaches {args[:1]}, not `alignd vllm`"
+        # A full fine-tune's own server is keyed by its ft: name (README, Backends).
+        assert arg_value(args, "--model" if model_name.startswith("ft:") else "--base-model") == model_name
+        assert arg_value(args, "--host") == "0.0.0.0" and int(arg_value(args, "--port")) == port
+        assert int(arg_value(args, "--tensor-parallel-size")) == gpu_count(container) >= 1
         env = {e["name"]: e.get("value") for e in container["env"]}
         assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
-        assert int(arg_value(args, "--port")) == container["ports"][0]["containerPort"]
-        assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            assert container[probe]["httpGet"]["path"] == "/health", probe
+        service = named(manifests, "Service", urlsplit(url).hostname)
         assert service["spec"].get("type", "ClusterIP") == "ClusterIP", "runtime LoRA loading stays internal"
+    assert sorted(map(object_id, vllm_deployments(manifests))) == sorted(map(object_id, reached)), \
+        "a vLLM no URL names holds GPUs for nothing"
 
 
-def test_only_the_api_and_gpu_workers_reach_vllm(overlay: tuple[str, list[Manifest]]) -> None:
+def test_vllm_runs_the_serve_command_alignd_builds(overlay: tuple[str, list[Manifest]], tmp_path: Path) -> None:
+    """`alignd vllm --dry-run` on the container's own arguments and settings."""
+    name, manifests = overlay
+    assert vllm_deployments(manifests)
+    for deployment, container in running(manifests, "vllm"):
+        args = container["args"]
+        env = container_env(manifests, container, alignd_secrets(name, manifests))
+        settings_env = {k: v for k, v in env.items() if k.startswith("ALIGND_")}
+        serve, model_dir = vllm_serve_command(args, settings_env, tmp_path / deployment["metadata"]["name"])
+        assert_serves_like_alignd_needs(serve, model_dir=model_dir, name=arg_value(args, "--base-model"),
+                                        settings_env=settings_env, port=container["ports"][0]["containerPort"],
+                                        gpus=gpu_count(container))
+        assert serve[-len(args[args.index("--") + 1:]):] == args[args.index("--") + 1:], "flags after -- pass on"
+        assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+
+
+def test_server_behind_refuses_urls_that_reach_nothing(rendered: dict[str, list[Manifest]]) -> None:
+    manifests = rendered["prod"]
+    server_behind(manifests, "http://alignd-model-server:8100")
+    for wrong in ("http://alignd-model-server:8000", "http://model-server:8100", "http://alignd-api:8000/v1"):
+        with pytest.raises(AssertionError):
+            server_behind(manifests, wrong)
+
+
+def test_only_alignd_clients_reach_the_model_servers(overlay: tuple[str, list[Manifest]]) -> None:
+    """Neither server authenticates: vLLM's runtime LoRA endpoints load any path they are given, and
+    the embedded model server answers for any tenant's model (the API does tenancy)."""
     _, manifests = overlay
-    [policy] = of_kind(manifests, "NetworkPolicy")
-    assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/component": "model-server"}
-    [rule] = policy["spec"]["ingress"]
-    [peer] = rule["from"]
-    [expression] = peer["podSelector"]["matchExpressions"]
-    allowed = set(expression["values"])
-    clients = {template_labels(m)["app.kubernetes.io/component"] for m in of_kind(manifests, "Deployment")}
-    assert allowed == {"api", "worker-gpu"} and allowed <= clients
-    for deployment in vllm_deployments(manifests):
-        assert policy["spec"]["podSelector"]["matchLabels"].items() <= template_labels(deployment).items()
+    components = {template_labels(m)["app.kubernetes.io/component"] for m in of_kind(manifests, "Deployment")}
+    settings = config(manifests)
+    for url in json.loads(settings["ALIGND_VLLM_BASE_URLS"]).values():
+        deployment, _, port = server_behind(manifests, url)
+        assert admitted_clients(manifests, deployment, port) == {"api", "worker-gpu"}, url
+    deployment, _, port = server_behind(manifests, settings["ALIGND_MODEL_SERVER_URL"])
+    assert admitted_clients(manifests, deployment, port) == {"api"}, "only the API queries the model server"
+    for policy in of_kind(manifests, "NetworkPolicy"):
+        selected = [d for d in of_kind(manifests, "Deployment")
+                    if policy["spec"]["podSelector"]["matchLabels"].items() <= template_labels(d).items()]
+        assert selected, f"NetworkPolicy {policy['metadata']['name']} protects nothing"
+    assert {"api", "worker-gpu"} <= components

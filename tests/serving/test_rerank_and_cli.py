@@ -83,6 +83,36 @@ def test_alignd_vllm_command_for_a_base_model(tmp_path):
     assert refused.returncode == 2 and "error" in refused.stderr
 
 
+def test_alignd_vllm_sets_tensor_parallelism_and_refuses_to_override_its_own_flags(tmp_path):
+    model = tmp_path / "models" / "org" / "base-70b"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    env = {"ALIGND_HOME": str(tmp_path / "home"), "ALIGND_MODEL_ROOT": str(tmp_path / "models"),
+           "ALIGND_VLLM_MAX_LORA_RANK": "16", "PATH": "/usr/bin:/bin"}
+
+    def alignd_vllm(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "alignd.cli", "vllm", "--base-model", "org/base-70b", *args],
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+    result = alignd_vllm("--tensor-parallel-size", "4", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    argv = result.stdout.split()
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "4"
+    assert alignd_vllm("--dry-run").stdout.split().count("--tensor-parallel-size") == 1  # 1 by default
+
+    # The LoRA limits are the settings the API checks jobs against; no remote code, ever.
+    for flags, named in ((["--max-lora-rank", "64"], "ALIGND_VLLM_MAX_LORA_RANK"),
+                         (["--max-loras=2"], "ALIGND_VLLM_MAX_LORAS"), (["--trust-remote-code"], "never on"),
+                         (["-tp", "2"], "--tensor-parallel-size"), (["--load-format", "pt"], "safetensors")):
+        refused = alignd_vllm("--dry-run", "--", *flags)
+        assert refused.returncode == 2 and named in refused.stderr, (flags, refused.stderr)
+        assert refused.stdout == ""
+
+    # Not a dry run, and no vllm on PATH: a clear error instead of a traceback from exec.
+    missing = alignd_vllm()
+    assert missing.returncode == 2 and "vllm not found" in missing.stderr
+
+
 @pytest.mark.parametrize("kind", ["pairrm", "scalar"])
 def test_rerank_scores_are_the_pipelines_own(kind, tiny_models):
     from app.core.config import Settings
