@@ -7,7 +7,11 @@
 - A worker is draining once Celery starts its warm shutdown (SIGTERM) or once
   `$ALIGND_HOME/drain` exists (the Kubernetes preStop hook writes it). A draining worker stops the
   running round at the next batch boundary and hands the job back to the queue, so another worker
-  resumes it at the interrupted stage instead of the grace period killing it mid-stage.
+  resumes it at the interrupted stage instead of the grace period killing it mid-stage. Training
+  first saves a checkpoint at its current optimizer step, which the next worker resumes from
+  (`workers.pipeline.train_checkpoint`). Multi-GPU training ranks, separate processes, cannot see
+  `_draining`: they read the drain file themselves, and the worker passes a SIGTERM-only drain on
+  as a marker file (`workers.distributed`).
 """
 
 from __future__ import annotations

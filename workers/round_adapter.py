@@ -17,12 +17,15 @@ from workers.job_state import ClaimedRound, JobMonitor, LeaseLost
 from workers.liveness import draining
 from workers.pipeline.hooks import RoundHooks
 from workers.pipeline.round import RoundContext, run_round
+from workers.pipeline.train_checkpoint import DrainRequested
 
 CANCEL_CHECK_INTERVAL_S = 1.0
 
 
-class WorkerDraining(Exception):
-    """The worker is shutting down: stop at this batch boundary and hand the round back."""
+class WorkerDraining(DrainRequested):
+    """The worker is shutting down: stop at this batch boundary and hand the round back. Inside
+    training (a `DrainRequested`) the Trainer first checkpoints at the current optimizer step, which
+    the next run of the train stage resumes from."""
 
 
 @dataclass(frozen=True)

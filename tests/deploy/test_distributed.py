@@ -11,6 +11,7 @@ import inspect
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,10 @@ from workers import distributed
 from workers.distributed import (
     DistributedBackendMissing,
     DistributedTrainingFailed,
+    LaunchConfig,
     build_launch_command,
     launch_distributed_training,
+    zero3_launch_config,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,7 +76,20 @@ def test_launch_command_rejects_zero_gpus_and_missing_configs(tmp_path: Path) ->
     with pytest.raises(ValueError, match="at least 1"):
         build_launch_command(0, tmp_path / "request.json")
     with pytest.raises(FileNotFoundError, match="zero3"):
-        build_launch_command(2, tmp_path / "request.json", config_dir=tmp_path)
+        build_launch_command(2, tmp_path / "request.json", launch=zero3_launch_config(tmp_path))
+
+
+def test_production_launch_is_zero3_and_needs_deepspeed(tmp_path: Path) -> None:
+    """The default is the ZeRO-3 launch; only an explicit LaunchConfig without a DeepSpeed file (the
+    tests' CPU ranks) can leave DeepSpeed out."""
+    assert zero3_launch_config() == LaunchConfig(ACCELERATE_YAML, DEEPSPEED_JSON)
+    assert zero3_launch_config().backends == ("accelerate", "deepspeed")
+    assert build_launch_command(2, tmp_path / "r.json") == build_launch_command(
+        2, tmp_path / "r.json", launch=zero3_launch_config())
+    plain = LaunchConfig(accelerate_config=tmp_path / "cpu.yaml")
+    assert plain.backends == ("accelerate",)
+    argv = build_launch_command(2, tmp_path / "r.json", launch=plain)
+    assert "--deepspeed_config_file" not in argv and argv[argv.index("--config_file") + 1] == str(tmp_path / "cpu.yaml")
 
 
 def test_the_entry_module_is_the_other_helpers_train_entry() -> None:
@@ -98,9 +114,9 @@ def fake_launcher(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, script: str) 
     """Replace the accelerate argv by a tiny Python program; everything else runs for real."""
     program = tmp_path / "fake_launch.py"
     program.write_text(script)
-    monkeypatch.setattr(distributed, "missing_distributed_backends", lambda: [])
+    monkeypatch.setattr(distributed, "missing_distributed_backends", lambda *backends: [])
     monkeypatch.setattr(distributed, "build_launch_command",
-                        lambda n, request, config_dir: [sys.executable, str(program), str(n), str(request)])
+                        lambda n, request, launch: [sys.executable, str(program), str(n), str(request)])
 
 
 def test_a_failing_launch_raises_with_the_end_of_its_log(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -133,6 +149,50 @@ def test_a_successful_launch_returns_and_passes_the_environment(monkeypatch: pyt
     ran = json.loads(marker.read_text())
     assert ran["argv"] == ["2", str(tmp_path / "request.json")]
     assert ran["home"] == str(tmp_path / "home") and ran["cwd"] == str(tmp_path)
+
+
+def test_the_worker_polls_while_the_ranks_run_and_never_leaves_them_behind(monkeypatch: pytest.MonkeyPatch,
+                                                                         tmp_path: Path) -> None:
+    pid_file = tmp_path / "launcher.pid"
+    fake_launcher(monkeypatch, tmp_path, (
+        "import os, sys, time\n"
+        f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        "time.sleep(120)\n"))
+    polls: list[float] = []
+
+    def worker_goes_away() -> None:
+        polls.append(time.monotonic())
+        if len(polls) == 3:
+            raise KeyboardInterrupt  # e.g. the worker process itself is being torn down
+
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        launch_distributed_training(2, tmp_path / "request.json", while_running=worker_goes_away,
+                                    poll_interval_s=0.05)
+    assert len(polls) == 3 and time.monotonic() - started < 60
+    pid = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # terminated and reaped, not orphaned
+
+
+def test_ranks_that_stop_without_being_asked_fail_the_stage(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Outcome `drained` while neither the worker nor its drain file asked for it: not a silent success."""
+    from workers.pipeline.hooks import RoundHooks
+    from workers.pipeline.train import StartingPolicy, TrainConfig
+    from workers.pipeline.train_request import TrainRequest
+
+    fake_launcher(monkeypatch, tmp_path, (
+        "import json, sys\n"
+        "request = json.load(open(sys.argv[2]))\n"
+        "open(request['control_dir'] + '/outcome.json', 'w').write(json.dumps({'status': 'drained', "
+        "'result': None}))\n"))
+    request = TrainRequest(config=TrainConfig(), start=StartingPolicy("base"), pairs_dir=tmp_path / "pairs",
+                           out_dir=tmp_path / "out", scratch_dir=tmp_path / "scratch",
+                           control_dir=tmp_path / "control")
+    with pytest.raises(DistributedTrainingFailed, match="drained"):
+        distributed.train_with_ranks(request, num_gpus=2, request_path=tmp_path / "train_request.json",
+                                     log_path=tmp_path / "train.log", hooks=RoundHooks(),
+                                     progress=lambda fraction: None, poll_interval_s=0.05)
 
 
 # ---- the config files ----------------------------------------------------------------------------
@@ -177,7 +237,7 @@ def test_accelerate_refuses_precision_in_the_yaml_next_to_the_json(tmp_path: Pat
     (tmp_path / "deepspeed").mkdir()
     (tmp_path / "accelerate" / "zero3.yaml").write_text(yaml.safe_dump(bad))
     (tmp_path / "deepspeed" / "zero3.json").write_text(DEEPSPEED_JSON.read_text())
-    argv = build_launch_command(8, tmp_path / "r.json", config_dir=tmp_path)
+    argv = build_launch_command(8, tmp_path / "r.json", launch=zero3_launch_config(tmp_path))
     args, defaults, mixed_precision_from_yaml = accelerate_args(argv)
     fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mixed_precision_from_yaml else [])
     monkeypatch.setenv("ACCELERATE_CONFIG_DS_FIELDS", ",".join(fields).lower())

@@ -255,7 +255,27 @@ class _RoundRunner:
         self.stage("pair", self.paths.pairs, run, commit)
 
     def train(self, start: StartingPolicy) -> None:
+        """In process, or with `training.num_gpus` > 1 as that many ranks (`workers.distributed`).
+        A drain checkpoints in `trainer_scratch`, which the next run resumes from; it goes once the
+        model is committed."""
+        def progress(fraction: float) -> None:
+            self.progress("train", fraction)
+
+        def train_on_gpus(config: TrainConfig, out_dir: Path) -> Any:
+            from workers.distributed import train_with_ranks
+            from workers.pipeline.train_request import TrainRequest
+
+            request = TrainRequest(config=config, start=start, pairs_dir=self.paths.pairs, out_dir=out_dir,
+                                   scratch_dir=self.paths.trainer_scratch,
+                                   control_dir=self.paths.round_dir / "train-control")
+            return train_with_ranks(request, num_gpus=self.ctx.spec.training.num_gpus,
+                                    request_path=self.paths.round_dir / "train_request.json",
+                                    log_path=self.paths.round_dir / "train.log", hooks=self.ctx.hooks,
+                                    progress=progress)
+
         def run() -> dict[str, Any]:
+            import shutil
+
             config = train_config(self.ctx.spec)
             trainer = train_dpo
             if config.algorithm == "rejection_sampling":
@@ -263,14 +283,19 @@ class _RoundRunner:
 
                 trainer = train_sft
             with artifacts.atomic_directory(self.paths.model) as tmp:
-                result = trainer(config, start, load_pairs(self.paths.pairs), tmp, self.paths.trainer_scratch,
-                                 self.ctx.hooks, progress=lambda f: self.progress("train", f))
+                if self.ctx.spec.training.num_gpus > 1:
+                    result = train_on_gpus(config, tmp)
+                else:
+                    result = trainer(config, start, load_pairs(self.paths.pairs), tmp, self.paths.trainer_scratch,
+                                     self.ctx.hooks, progress=progress)
                 # the stats must exist before the model dir appears: write them from inside the block
                 stats = {"train_loss": result.train_loss, "train_steps": result.steps,
                          "train_samples_per_s": result.samples_per_s,
                          "train_skipped_long_prompts": result.skipped_long_prompts,
-                         "model_is_adapter": result.is_adapter, "train_loop_s": result.wall_s}
+                         "model_is_adapter": result.is_adapter, "train_loop_s": result.wall_s,
+                         "train_resumed_from_step": result.resumed_from_step}
                 artifacts.atomic_write_json(self.paths.stage_stats("train"), stats)
+            shutil.rmtree(self.paths.trainer_scratch, ignore_errors=True)  # drain checkpoints, now unneeded
             return stats
 
         self.stage("train", self.paths.model, run, lambda: None)

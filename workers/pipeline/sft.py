@@ -8,7 +8,6 @@ There is no reference model.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +20,9 @@ from workers.pipeline.train import (
     TrainConfig,
     TrainResult,
     build_models,
-    cancel_callback,
     common_training_args,
     drop_long_prompts,
+    run_trainer,
     save_trained,
 )
 
@@ -47,11 +46,10 @@ def train_sft(config: TrainConfig, start: StartingPolicy, best: Any, out_dir: Pa
                      max_length=config.max_length, completion_only_loss=True, packing=False)
     with oom_as_domain_error():
         policy, _reference, peft_config = build_models(config, start, dtype, compute_device())
-        trainer = SFTTrainer(model=policy, args=args, train_dataset=best.select_columns(["prompt", "completion"]),
-                             processing_class=tokenizer, peft_config=peft_config,
-                             callbacks=[cancel_callback(hooks, progress)])
-        started = time.perf_counter()
-        output = trainer.train()
-        wall = time.perf_counter() - started
-    return save_trained(trainer, output, config, tokenizer_source, out_dir, samples=len(best), skipped=skipped,
-                        wall_s=wall)
+
+        def build_trainer(callbacks: list[Any]) -> Any:
+            return SFTTrainer(model=policy, args=args, train_dataset=best.select_columns(["prompt", "completion"]),
+                              processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+
+        run = run_trainer(build_trainer, args, config, start, len(best), hooks, progress)
+        return save_trained(run, config, tokenizer_source, out_dir, samples=len(best), skipped=skipped)

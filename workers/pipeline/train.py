@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +36,13 @@ from workers.pipeline.loading import (
     training_dtype,
 )
 from workers.pipeline.prompts import ensure_chat_template
+from workers.pipeline.train_checkpoint import (
+    TrainerCheckpoints,
+    checkpoint_to_resume,
+    run_fingerprint,
+    stop_and_checkpoint_callback,
+    whole_run_train_loss,
+)
 
 
 @dataclass(frozen=True)
@@ -96,16 +104,19 @@ class StartingPolicy:
 
 @dataclass
 class TrainResult:
-    train_loss: float
+    train_loss: float  # mean per optimizer step over the whole run, checkpointed steps included
     steps: int
     samples: int
     skipped_long_prompts: int
-    wall_s: float
+    wall_s: float  # this session's training loop (after a resume: the steps since the checkpoint)
     is_adapter: bool
+    resumed_from_step: int = 0  # the drain checkpoint this run continued from (0: from the start)
 
     @property
     def samples_per_s(self) -> float:
-        return self.samples / self.wall_s if self.wall_s > 0 else 0.0
+        if self.wall_s <= 0 or self.steps <= 0:
+            return 0.0
+        return self.samples * (self.steps - self.resumed_from_step) / self.steps / self.wall_s
 
 
 def trl_loss_types() -> set[str]:
@@ -116,19 +127,42 @@ def trl_loss_types() -> set[str]:
     return set(re.findall(r"'([a-z0-9_]+)'", help_text))
 
 
-def cancel_callback(hooks: RoundHooks, progress: Any) -> Any:
-    from transformers import TrainerCallback
+@dataclass
+class TrainRun:
+    """A finished `trainer.train()`: what `save_trained` needs besides the trainer."""
 
-    class CancelAndProgress(TrainerCallback):
-        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            hooks.check_cancelled()
+    trainer: Any
+    output: Any
+    wall_s: float
+    resumed_from_step: int
 
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            hooks.check_cancelled()
-            if state.max_steps:
-                progress(state.global_step / state.max_steps)
 
-    return CancelAndProgress()
+def run_trainer(build_trainer: Callable[[list[Any]], Any], args: Any, config: TrainConfig, start: StartingPolicy,
+                samples: int, hooks: RoundHooks, progress: Callable[[float], None]) -> TrainRun:
+    """Build the trainer with the cancel/drain callback, resume from this run's drain checkpoint
+    when one exists (`workers.pipeline.train_checkpoint`), and train. A drain raises
+    `DrainRequested` after the checkpoint is saved; a cancel raises at once."""
+    checkpoints = TrainerCheckpoints(Path(args.output_dir), run_fingerprint(
+        config, start, samples=samples, world_size=args.world_size))
+    callback = stop_and_checkpoint_callback(hooks, progress, checkpoints)
+    trainer = build_trainer([callback])
+    resume = checkpoint_to_resume(checkpoints, is_main_rank=args.should_save)
+    started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    wall = time.perf_counter() - started
+    callback.raise_if_drained()
+    resumed_from = int(resume.name.rsplit("-", 1)[1]) if resume else 0
+    return TrainRun(trainer=trainer, output=output, wall_s=wall, resumed_from_step=resumed_from)
+
+
+def train_for_algorithm(config: TrainConfig, start: StartingPolicy, data: Any, out_dir: Path, scratch_dir: Path,
+                        hooks: RoundHooks | None = None, progress: Any = None) -> TrainResult:
+    """The trainer of `config.algorithm`: SFT for rejection sampling, else DPO/SPPO."""
+    if config.algorithm == "rejection_sampling":
+        from workers.pipeline.sft import train_sft
+
+        return train_sft(config, start, data, out_dir, scratch_dir, hooks, progress=progress)
+    return train_dpo(config, start, data, out_dir, scratch_dir, hooks, progress=progress)
 
 
 def build_models(config: TrainConfig, start: StartingPolicy, dtype: Any, device: str) -> tuple[Any, Any, Any]:
@@ -208,19 +242,19 @@ def train_dpo(config: TrainConfig, start: StartingPolicy, pairs: Any, out_dir: P
         trainer_kwargs["length_normalize"] = config.length_normalize
     with oom_as_domain_error():
         policy, ref, peft_config = build_models(config, start, dtype, device)
-        trainer = trainer_class(model=policy, ref_model=ref, args=args, train_dataset=pairs,
-                                processing_class=tokenizer, peft_config=peft_config,
-                                callbacks=[cancel_callback(hooks, progress)], **trainer_kwargs)
-        started = time.perf_counter()
+
+        def build_trainer(callbacks: list[Any]) -> Any:
+            return trainer_class(model=policy, ref_model=ref, args=args, train_dataset=pairs,
+                                 processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
+                                 **trainer_kwargs)
+
         try:
-            output = trainer.train()
+            run = run_trainer(build_trainer, args, config, start, len(pairs), hooks, progress)
         except ValueError as exc:
             if "loss type" in str(exc).lower():
                 raise InvalidTrainingConfig(str(exc)) from exc
             raise
-        wall = time.perf_counter() - started
-    return save_trained(trainer, output, config, tokenizer_source, out_dir, samples=len(pairs), skipped=skipped,
-                        wall_s=wall)
+        return save_trained(run, config, tokenizer_source, out_dir, samples=len(pairs), skipped=skipped)
 
 
 def common_training_args(config: TrainConfig, scratch_dir: Path, *, on_gpu: bool, dtype: Any) -> dict[str, Any]:
@@ -237,10 +271,35 @@ def common_training_args(config: TrainConfig, scratch_dir: Path, *, on_gpu: bool
     )
 
 
-def save_trained(trainer: Any, output: Any, config: TrainConfig, tokenizer_source: str, out_dir: Path, *,
-                 samples: int, skipped: int, wall_s: float) -> TrainResult:
-    trainer.model.save_pretrained(str(out_dir), safe_serialization=True)
-    load_tokenizer(tokenizer_source).save_pretrained(str(out_dir))  # as shipped, not our in-memory edits
-    return TrainResult(train_loss=float(output.training_loss), steps=int(output.global_step),
-                       samples=int(samples * config.epochs), skipped_long_prompts=skipped, wall_s=wall_s,
-                       is_adapter=config.method == "lora")
+def gathered_state_dict(trainer: Any) -> dict[str, Any] | None:
+    """Under DeepSpeed ZeRO-3 every rank holds a shard: gather the 16-bit weights (a collective,
+    so every rank calls this), as `Trainer.save_model` does. None when the model is whole."""
+    if not getattr(trainer, "is_deepspeed_enabled", False):
+        return None
+    import inspect
+
+    from accelerate.utils import is_peft_model
+
+    engine = trainer.deepspeed
+    zero3 = engine.config.get("zero_optimization", {}).get("stage") == 3
+    if zero3 and is_peft_model(trainer.model) and "exclude_frozen_parameters" in inspect.signature(
+            engine.save_checkpoint).parameters:
+        return engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)  # the adapter only
+    return trainer.accelerator.get_state_dict(engine)
+
+
+def save_trained(run: TrainRun, config: TrainConfig, tokenizer_source: str, out_dir: Path, *, samples: int,
+                 skipped: int) -> TrainResult:
+    """The main rank writes the adapter or full model (gathered from the ZeRO-3 shards when sharded)
+    and the tokenizer as shipped; every rank returns the same result."""
+    trainer = run.trainer
+    state_dict = gathered_state_dict(trainer)
+    if trainer.args.should_save:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        model.save_pretrained(str(out_dir), state_dict=state_dict, safe_serialization=True)
+        load_tokenizer(tokenizer_source).save_pretrained(str(out_dir))  # as shipped, not our in-memory edits
+    trainer.accelerator.wait_for_everyone()
+    return TrainResult(train_loss=whole_run_train_loss(trainer.state.log_history, float(run.output.training_loss)),
+                       steps=int(run.output.global_step), samples=int(samples * config.epochs),
+                       skipped_long_prompts=skipped, wall_s=run.wall_s, is_adapter=config.method == "lora",
+                       resumed_from_step=run.resumed_from_step)
