@@ -260,7 +260,7 @@ def _fit(model: Any, steps: int, make_batch: Any, loss_fn: Any, lr: float = 3e-3
     model.eval()
 
 
-PAIRRM_LR = 6e-3
+PAIRRM_LR = 2e-3  # 6e-3 trained on one CPU and stalled at chance on another: fragile
 PAIRRM_RANKER_CONFIG: dict[str, Any] = {
     "ranker_type": "pairranker", "model_type": "deberta", "model_name": "tiny-deberta-v2",
     "cache_dir": None, "load_checkpoint": None, "source_maxlength": 48, "candidate_maxlength": 48,
@@ -270,7 +270,7 @@ PAIRRM_RANKER_CONFIG: dict[str, Any] = {
 }
 
 
-def build_pairrm(out_dir: Path, corpus: list[str], steps: int = 300) -> None:
+def build_pairrm(out_dir: Path, corpus: list[str], steps: int = 400) -> None:
     """Train a tiny PairRM with llm-blender's own ranker and collator classes, save it safely."""
     import torch
     from safetensors.torch import save_file
