@@ -1,16 +1,23 @@
 """One iterative-DPO round on the tiny models: alignd's pipeline vs a plain transformers + TRL script.
 
-    .venv/bin/python bench/round.py [--prompts 48] [--k 4] [--max-new-tokens 16]
+    .venv/bin/python bench/round.py [--prompts 48] [--repeat 5]
 
 Prints per-stage wall times, generation tokens/s, scoring candidates/s and training samples/s for
 alignd, the same round written directly against transformers + TRL (no alignd code), and as the last
 line `ratio: X.XX` = alignd total / plain total. Both do generate -> score (scalar RM) -> pair
 (best vs worst) -> DPO (LoRA) -> evaluate (1 sample per held-out prompt, new vs base).
+
+Both sides run once untimed first (imports, first-call costs), then `--repeat` times each, in
+alternating order; the table shows each metric's median and the ratio is of the median totals (a
+round lasts about a second, so one run on a shared machine is mostly noise). alignd's in-process
+model and tokenizer caches are emptied before every alignd run, so it reads every model from disk
+as the plain script does; only reuse within the round counts.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -36,6 +43,10 @@ def run_alignd(model_root: Path, prompts: list, artifact_root: Path, eval_fracti
         training={"learning_rate": s["lr"], "epochs": s["epochs"], "batch_size": s["train_batch"],
                   "max_length": 128, "max_prompt_length": 64, "warmup_ratio": 0.0, "lr_scheduler_type": "constant",
                   "lora": {"r": s["lora_r"], "alpha": s["lora_alpha"]}}))
+    from workers.pipeline.loading import model_cache, tokenizer_cache
+
+    model_cache.clear()  # a cold start: nothing loaded by an earlier run is reused
+    tokenizer_cache.clear()
     started = time.perf_counter()
     result = run_round(RoundContext(job_id="bench", round_index=1, spec=spec, prompts=prompts,
                                     artifact_root=artifact_root, model_root=model_root,
@@ -145,6 +156,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--prompts", type=int, default=48)
     parser.add_argument("--eval-fraction", type=float, default=0.25)
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs per side (medians are reported)")
     args = parser.parse_args()
     from transformers.utils import logging as hf_logging
 
@@ -160,15 +172,26 @@ def main() -> int:
         build_tiny_models(root / "models")
         print(f"tiny models built in {time.perf_counter() - t:.1f}s (not timed below)")
         prompts = synthetic_prompts(args.prompts, seed=1)
-        # warm the import caches once so neither side pays first-import costs
-        run_plain(root / "models", prompts[:8], 0.25, root / "warm")
-        alignd = run_alignd(root / "models", prompts, root / "artifacts", args.eval_fraction)
-        plain = run_plain(root / "models", prompts, args.eval_fraction, root / "plain")
+        # warm both sides once (imports, first calls) so neither pays first-use costs in a timed run
+        run_plain(root / "models", prompts[:8], 0.25, root / "warm-plain")
+        run_alignd(root / "models", prompts[:8], root / "warm-alignd", 0.25)
+        runs: dict[str, list[dict[str, float]]] = {"alignd": [], "plain": []}
+        for i in range(args.repeat):
+            order = ["alignd", "plain"] if i % 2 == 0 else ["plain", "alignd"]
+            for side in order:
+                if side == "alignd":
+                    runs[side].append(run_alignd(root / "models", prompts, root / f"artifacts-{i}", args.eval_fraction))
+                else:
+                    runs[side].append(run_plain(root / "models", prompts, args.eval_fraction, root / f"plain-{i}"))
+            print(f"run {i + 1}: alignd {runs['alignd'][-1]['total_s']:.2f}s plain {runs['plain'][-1]['total_s']:.2f}s")
     keys = ["generate_wall_s", "score_wall_s", "pair_wall_s", "train_wall_s", "evaluate_wall_s",
             "generate_tokens_per_s", "score_candidates_per_s", "train_samples_per_s", "eval_win_rate", "total_s"]
-    print(f"{'metric':28s} {'alignd':>10s} {'plain':>10s}")
+    alignd = {key: statistics.median(r.get(key, float("nan")) for r in runs["alignd"]) for key in keys}
+    plain = {key: statistics.median(r.get(key, float("nan")) for r in runs["plain"]) for key in keys}
+    print(f"{'metric (median of ' + str(args.repeat) + ')':28s} {'alignd':>10s} {'plain':>10s}")
     for key in keys:
-        print(f"{key:28s} {alignd.get(key, float('nan')):10.2f} {plain.get(key, float('nan')):10.2f}")
+        digits = 3 if key.endswith("_s") else 2  # a stage lasts tens of milliseconds
+        print(f"{key:28s} {alignd[key]:10.{digits}f} {plain[key]:10.{digits}f}")
     print(f"ratio: {alignd['total_s'] / plain['total_s']:.2f}")
     return 0
 

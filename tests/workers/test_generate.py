@@ -53,3 +53,13 @@ def test_greedy_generation_repeats_the_single_answer(tiny_models):
     config = GenerationConfig(samples_per_prompt=2, max_new_tokens=4, temperature=0.0)
     result = generate_completions(PolicyModel(str(tiny_models.root / tiny_models.policy)), [PROMPT], config)
     assert result.completions[0][0] == result.completions[0][1]
+
+
+def test_batch_rendering_gives_the_ids_of_one_prompt_at_a_time(tiny_models):
+    from workers.pipeline.prompts import render_prompts_ids
+
+    prompts = synthetic_prompts(6, seed=4) + [[{"role": "system", "content": "be kind"}, PROMPT[0]]]
+    for name in (tiny_models.policy, tiny_models.policy_chat):
+        tokenizer = load_tokenizer(str(tiny_models.root / name))
+        assert render_prompts_ids(tokenizer, prompts) == [render_prompt_ids(tokenizer, p) for p in prompts]
+    assert render_prompts_ids(tokenizer, []) == []

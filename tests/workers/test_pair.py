@@ -59,3 +59,12 @@ def test_select_best_gives_prompt_completion_rows_for_sft():
     assert [r["completion"][0]["content"] for r in result.rows] == ["b", "g", "k"]
     assert result.dropped_ties == 1 and result.kind == "best"
     assert result.rows[0]["prompt"] == PROMPTS[0] and result.rows[0]["score"] == 0.9
+
+
+def test_loaded_pairs_live_in_memory_so_training_maps_leave_the_artifact_alone(tmp_path):
+    save_pairs(build_pairs(PROMPTS, CANDIDATES, SCORES, PairingConfig()), tmp_path / "pairs")
+    files = sorted(p.name for p in (tmp_path / "pairs").iterdir())
+    dataset = load_pairs(tmp_path / "pairs")
+    mapped = dataset.map(lambda row: {"n": len(row["chosen"][0]["content"])}).filter(lambda row: row["n"] > 0)
+    assert len(mapped) == 3
+    assert sorted(p.name for p in (tmp_path / "pairs").iterdir()) == files  # no cache-*.arrow written there

@@ -64,3 +64,22 @@ def test_scalar_rm_scores_follow_the_preference_and_are_batch_independent(scalar
     assert torch.allclose(p + p.T, torch.ones(3, 3), atol=1e-6)
     one_by_one = [scalar.rewards([PROMPTS[0]], [c])[0] for c in CANDIDATES[0]]
     assert one_by_one == pytest.approx(result.scores[0], abs=1e-4)
+
+
+def test_scalar_rm_batch_rendering_matches_one_at_a_time(scalar):
+    from workers.pipeline.scalar_rm import render_for_rm_batch
+
+    tokenizer = scalar.loaded.tokenizer
+    prompts = [PROMPTS[i % 2] for i in range(6)]
+    responses = [c for row in CANDIDATES for c in row]
+    assert render_for_rm_batch(tokenizer, prompts, responses) == [
+        render_for_rm(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
+
+
+def test_reward_models_are_loaded_once_and_frozen(tiny_models, scalar, pairrm):
+    again = load_reward_model(RewardModelSpec(type="scalar", model=tiny_models.scalar_rm, batch_size=4),
+                              tiny_models.root)
+    assert again.loaded.model is scalar.loaded.model and again.spec.batch_size == 4
+    assert not any(p.requires_grad for p in again.loaded.model.parameters())
+    assert load_reward_model(RewardModelSpec(type="pairrm", model=tiny_models.pairrm, batch_size=8),
+                             tiny_models.root).loaded is pairrm.loaded

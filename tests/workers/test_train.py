@@ -72,3 +72,26 @@ def test_robust_loss_with_label_smoothing_runs(tiny_models, pairs, tmp_path):
                        StartingPolicy(str(tiny_models.root / tiny_models.policy)), pairs,
                        tmp_path / "m", tmp_path / "s")
     assert result.steps == 2
+
+
+def test_drop_long_prompts_keeps_what_fits_as_the_per_row_filter_would(tiny_models):
+    from datasets import Dataset
+
+    from workers.pipeline.loading import load_tokenizer
+    from workers.pipeline.prompts import ensure_chat_template
+    from workers.pipeline.train import drop_long_prompts
+
+    tokenizer = load_tokenizer(str(tiny_models.root / tiny_models.policy))
+    ensure_chat_template(tokenizer)
+    prompts = [[{"role": "user", "content": " ".join(["kind"] * n)}] for n in (1, 5, 20, 3, 40)]
+    dataset = Dataset.from_list([{"prompt": p, "chosen": [{"role": "assistant", "content": "a"}]} for p in prompts])
+    lengths = [len(tokenizer(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
+                             add_special_tokens=False)["input_ids"]) for p in prompts]
+    limit = sorted(lengths)[2]
+    kept, dropped = drop_long_prompts(dataset, tokenizer, limit)
+    fitting = [p for p, n in zip(prompts, lengths, strict=True) if n <= limit]
+    assert dropped == 2 and [r["prompt"] for r in kept] == fitting
+    everything, none = drop_long_prompts(dataset, tokenizer, max(lengths))
+    assert everything is dataset and none == 0
+    empty, zero = drop_long_prompts(dataset.select([]), tokenizer, limit)
+    assert len(empty) == 0 and zero == 0

@@ -15,8 +15,8 @@ from typing import Any
 
 from app.core.config import VLLM_LORA_RANKS
 from workers.pipeline.hooks import RoundHooks
-from workers.pipeline.loading import has_gpu, load_policy, load_tokenizer, oom_as_domain_error
-from workers.pipeline.prompts import Messages, render_prompt_ids
+from workers.pipeline.loading import has_gpu, inference_policy, load_tokenizer, model_cache, oom_as_domain_error
+from workers.pipeline.prompts import Messages, render_prompts_ids
 
 
 @dataclass(frozen=True)
@@ -83,10 +83,9 @@ def _generate_transformers(policy: PolicyModel, prompts: Sequence[Messages], con
     import torch
 
     tokenizer = load_tokenizer(policy.base_location)
-    model = load_policy(policy.base_location, policy.adapter_dir)
-    model.eval()
+    model = inference_policy(policy.base_location, policy.adapter_dir)  # frozen, shared: only read here
     device = next(model.parameters()).device
-    prompt_ids = [render_prompt_ids(tokenizer, p) for p in prompts]
+    prompt_ids = render_prompts_ids(tokenizer, prompts)
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     k = config.samples_per_prompt
@@ -122,7 +121,8 @@ def _generate_transformers(policy: PolicyModel, prompts: Sequence[Messages], con
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     configured = model.generation_config.eos_token_id
-    ids = configured if isinstance(configured, list) else [configured] if configured is not None else []
+    # a copy: the model (and its generation config) may be shared through the model cache
+    ids = list(configured) if isinstance(configured, list) else [configured] if configured is not None else []
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
@@ -150,8 +150,9 @@ def _generate_vllm(policy: PolicyModel, prompts: Sequence[Messages], config: Gen
     from vllm.lora.request import LoRARequest
 
     tokenizer = load_tokenizer(policy.base_location)
-    prompt_ids = [render_prompt_ids(tokenizer, p) for p in prompts]
+    prompt_ids = render_prompts_ids(tokenizer, prompts)
     lora_rank = _adapter_rank(policy.adapter_dir)
+    model_cache.evict_accelerator_models()  # cached GPU models would hold memory vLLM counts on
     _release_gpu_memory()  # what training left in torch's cache: vLLM sizes its KV cache from free memory
     llm = LLM(model=policy.base_location, tokenizer=policy.base_location, trust_remote_code=False,
               load_format="safetensors", seed=config.seed, dtype="auto",

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from workers.pipeline.loading import compute_device, load_causal_lm, load_tokenizer, training_dtype
+from workers.pipeline.loading import compute_device, inference_policy, load_tokenizer, training_dtype
 from workers.pipeline.prompts import Messages, render_prompt_ids
 
 
@@ -32,10 +32,9 @@ class LoadedImplicitRM:
 
 
 def _load(location: str, device: str) -> ScoringLM:
-    tokenizer = load_tokenizer(location)
-    model = load_causal_lm(location, dtype=training_dtype(), device=device)
-    model.eval()
-    return ScoringLM(model=model, tokenizer=tokenizer)
+    # frozen and shared through the model cache: the reference is often the policy's base model
+    model = inference_policy(location, dtype=training_dtype(), device=device)
+    return ScoringLM(model=model, tokenizer=load_tokenizer(location))
 
 
 def load_implicit_rm(model_location: str, reference_location: str, *, max_length: int,

@@ -168,9 +168,12 @@ def save_pairs(result: PairingResult, out_dir: Path) -> None:
 
 
 def load_pairs(pairs_dir: Path) -> Any:
+    """The saved rows, in memory: the trainer's `map`/`select` calls then never write cache files into
+    the committed pairs directory (an artifact stays as its stage wrote it), and skip that disk I/O.
+    A round's pairs are text, small next to the model being trained."""
     from datasets import load_from_disk
 
-    return load_from_disk(str(pairs_dir))
+    return load_from_disk(str(pairs_dir), keep_in_memory=True)
 
 
 def load_pair_stats(pairs_dir: Path) -> dict[str, int]:

@@ -56,7 +56,14 @@ def with_single_bos(ids: list[int], bos_id: int | None) -> list[int]:
 
 def render_prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
     """Token ids of the prompt with the generation prompt appended, exactly one leading BOS."""
+    return render_prompts_ids(tokenizer, [messages])[0]
+
+
+def render_prompts_ids(tokenizer: Any, prompts: Sequence[Sequence[dict[str, str]]]) -> list[list[int]]:
+    """`render_prompt_ids` of every prompt, tokenized in one batch call (the same ids, faster)."""
+    if not prompts:
+        return []
     ensure_chat_template(tokenizer)
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return with_single_bos(list(ids), tokenizer.bos_token_id)
+    texts = [tokenizer.apply_chat_template(list(m), tokenize=False, add_generation_prompt=True) for m in prompts]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [with_single_bos(list(ids), tokenizer.bos_token_id) for ids in encoded]

@@ -23,7 +23,7 @@ from workers.pipeline import artifacts
 from workers.pipeline.artifacts import RoundPaths
 from workers.pipeline.generate import GenerationConfig, PolicyModel, generate_completions
 from workers.pipeline.hooks import RoundHooks
-from workers.pipeline.loading import resolve
+from workers.pipeline.loading import model_cache, resolve
 from workers.pipeline.pair import PairingConfig, build_pairs, load_pairs, save_pairs, select_best
 from workers.pipeline.prompts import Messages, validate_prompt
 from workers.pipeline.round_eval import evaluate_round
@@ -346,6 +346,7 @@ def run_round(ctx: RoundContext) -> RoundResult:
     runner.generate(split.shard(ctx.round_index), _policy_model(start))
     runner.score()
     runner.pair()
+    model_cache.evict_accelerator_models()  # cached inference models give their GPU memory to training
     runner.train(start)
     runner.evaluate(split)
     ctx.hooks.check_cancelled()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.errors import ModelNotLoadable, RewardModelWrongKind
-from workers.pipeline.loading import compute_device, load_tokenizer
+from workers.pipeline.loading import compute_device, freeze, load_tokenizer, location_fingerprint, model_cache
 from workers.pipeline.prompts import Messages, with_single_bos
 
 
@@ -40,10 +40,18 @@ def _check_kind(model_dir: Path) -> None:
 
 
 def load_scalar_rm(location: str, *, max_length: int, is_local: bool = True) -> LoadedScalarRM:
-    from transformers import AutoModelForSequenceClassification
-
+    """The reward model at `location`, frozen and shared through the model cache (only read from)."""
     if is_local:
         _check_kind(Path(location))
+    device = compute_device()
+    model, tokenizer = model_cache.get(("scalar_rm", str(location), device), location_fingerprint(location),
+                                       lambda: _load_scalar_rm(location, device), device=device)
+    return LoadedScalarRM(model=model, tokenizer=tokenizer, device=device, max_length=max_length)
+
+
+def _load_scalar_rm(location: str, device: str) -> tuple[Any, Any]:
+    from transformers import AutoModelForSequenceClassification
+
     tokenizer = load_tokenizer(location)
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
@@ -57,19 +65,25 @@ def load_scalar_rm(location: str, *, max_length: int, is_local: bool = True) -> 
         raise RewardModelWrongKind(f"a scalar reward model has one output, this one has {model.config.num_labels}")
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    device = compute_device()
-    model.to(device).eval()
-    return LoadedScalarRM(model=model, tokenizer=tokenizer, device=device, max_length=max_length)
+    return freeze(model.to(device)), tokenizer
 
 
 def render_for_rm(tokenizer: Any, prompt: Messages, response: str) -> list[int]:
-    conversation = list(prompt) + [{"role": "assistant", "content": response}]
+    return render_for_rm_batch(tokenizer, [prompt], [response])[0]
+
+
+def render_for_rm_batch(tokenizer: Any, prompts: Sequence[Messages], responses: Sequence[str]) -> list[list[int]]:
+    """Token ids of each (prompt, response) conversation, tokenized in one batch call."""
+    conversations = [list(p) + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses, strict=True)]
+    if not conversations:
+        return []
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(conversation, tokenize=False)
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        return with_single_bos(ids, tokenizer.bos_token_id) if tokenizer.bos_token_id in ids[:1] else ids
-    text = "\n\n".join(m["content"] for m in conversation)
-    return list(tokenizer(text)["input_ids"])
+        texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+        bos = tokenizer.bos_token_id
+        return [with_single_bos(list(ids), bos) if bos in ids[:1] else list(ids)
+                for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    texts = ["\n\n".join(m["content"] for m in c) for c in conversations]
+    return [list(ids) for ids in tokenizer(texts)["input_ids"]]
 
 
 def scalar_rewards(rm: LoadedScalarRM, prompts: Sequence[Messages], responses: Sequence[str], *,
@@ -77,7 +91,7 @@ def scalar_rewards(rm: LoadedScalarRM, prompts: Sequence[Messages], responses: S
     """One reward per (prompt, response), batched with right padding; long inputs keep their start."""
     import torch
 
-    encoded = [render_for_rm(rm.tokenizer, p, r)[:rm.max_length] for p, r in zip(prompts, responses, strict=True)]
+    encoded = [ids[:rm.max_length] for ids in render_for_rm_batch(rm.tokenizer, prompts, responses)]
     pad = rm.tokenizer.pad_token_id
     rewards: list[float] = []
     for first in range(0, len(encoded), batch_size):

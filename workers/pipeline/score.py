@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from workers.pipeline.hooks import RoundHooks
 from workers.pipeline.judge import JudgeSettings
-from workers.pipeline.loading import compute_device, oom_as_domain_error, resolve
+from workers.pipeline.loading import compute_device, location_fingerprint, model_cache, oom_as_domain_error, resolve
 from workers.pipeline.prompts import Messages
 from workers.pipeline.rules import RuleScorer, RuleSet
 
@@ -197,8 +197,11 @@ def load_reward_model(spec: RewardModelSpec, model_root: Path, *,
         from workers.pipeline.pairrm import load_pairrm
 
         location = Path(resolved.location) if resolved.is_local else _download_pairrm(resolved.location)
-        with oom_as_domain_error():
-            loaded = load_pairrm(location, device=compute_device(), max_length=spec.max_length)
+        device = compute_device()
+        with oom_as_domain_error():  # in eval mode and only read from, so shared through the model cache
+            loaded = model_cache.get(("pairrm", str(location), device, spec.max_length), location_fingerprint(location),
+                                     lambda: load_pairrm(location, device=device, max_length=spec.max_length),
+                                     device=device)
         return RewardModel(spec, loaded)
     if spec.type == "implicit":
         from workers.pipeline.implicit_rm import load_implicit_rm

@@ -200,13 +200,17 @@ def _frozen(model: Any) -> Any:
 
 
 def drop_long_prompts(dataset: Any, tokenizer: Any, max_prompt_length: int) -> tuple[Any, int]:
-    def fits(row: dict[str, Any]) -> bool:
-        ids = tokenizer.apply_chat_template(row["prompt"], tokenize=True, add_generation_prompt=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-        return len(ids) <= max_prompt_length
-
-    kept = dataset.filter(fits)
-    return kept, len(dataset) - len(kept)
+    """The rows whose prompt (chat template + generation prompt) fits in `max_prompt_length` tokens,
+    and how many were dropped. All prompts are rendered in one batch call rather than a
+    `Dataset.filter` pass, and the dataset comes back unchanged when every prompt fits."""
+    if len(dataset) == 0:
+        return dataset, 0
+    ids = tokenizer.apply_chat_template(list(dataset["prompt"]), tokenize=True, add_generation_prompt=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    keep = [i for i, row in enumerate(ids) if len(row) <= max_prompt_length]
+    if len(keep) == len(dataset):
+        return dataset, 0
+    return dataset.select(keep), len(dataset) - len(keep)
 
 
 def train_dpo(config: TrainConfig, start: StartingPolicy, pairs: Any, out_dir: Path, scratch_dir: Path,
