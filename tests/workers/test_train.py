@@ -3,19 +3,7 @@ import torch
 
 from workers.errors import InvalidTrainingConfig
 from workers.pipeline.loading import load_causal_lm
-from workers.pipeline.pair import PairingConfig, build_pairs
 from workers.pipeline.train import StartingPolicy, TrainConfig, train_dpo, trl_loss_types
-from workers.tiny_models import synthetic_prompts
-
-
-@pytest.fixture(scope="module")
-def pairs():
-    from datasets import Dataset
-
-    prompts = synthetic_prompts(8, seed=2)
-    candidates = [["kind warm calm gentle", "the old red clock"] for _ in prompts]
-    result = build_pairs(prompts, candidates, [[1.0, 0.0]] * len(prompts), PairingConfig())
-    return Dataset.from_list(result.rows)
 
 
 def _config(**kw):

@@ -13,7 +13,7 @@ import torch
 
 from workers.errors import JobCancelled
 from workers.pipeline.hooks import RoundHooks
-from workers.pipeline.pair import PairingConfig, build_pairs
+from workers.pipeline.pair import PairingConfig
 from workers.pipeline.train import StartingPolicy, TrainConfig, train_dpo
 from workers.pipeline.train_checkpoint import COMPLETE_MARKER, DrainRequested
 from workers.round_adapter import WorkerDraining
@@ -21,16 +21,6 @@ from workers.tiny_models import synthetic_prompts
 
 TOTAL_STEPS = 8  # 8 pairs, batch 2, 2 epochs
 DRAIN_AT = 3
-
-
-@pytest.fixture(scope="module")
-def pairs():
-    from datasets import Dataset
-
-    prompts = synthetic_prompts(8, seed=2)
-    candidates = [["kind warm calm gentle", "the old red clock"] for _ in prompts]
-    result = build_pairs(prompts, candidates, [[1.0, 0.0]] * len(prompts), PairingConfig())
-    return Dataset.from_list(result.rows)
 
 
 def config() -> TrainConfig:
