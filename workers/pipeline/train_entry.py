@@ -98,6 +98,17 @@ def run_request(request: TrainRequest, drain_files: tuple[Path, ...] = ()) -> Ou
     return status
 
 
+def close_process_group() -> None:
+    """Wait for every rank (rank 0 writes the model and outcome last), then tear the group down. A
+    rank that exits with the group alive can abort in gloo's threads at interpreter exit
+    ("terminate called without an active exception", SIGABRT), failing the launch."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
@@ -110,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         run_request(request, drain_files=(drain_file(),))
     except PipelineError as error:
         request.control.write_rank_error(rank_index(), error)
-        raise
+        raise  # no barrier: the launcher stops the other ranks
+    close_process_group()
     return 0
 
 
