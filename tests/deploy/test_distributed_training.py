@@ -195,7 +195,7 @@ def test_the_round_trains_on_ranks_when_the_job_asks_for_several_gpus(tiny_model
     def not_in_process(*args, **kwargs):
         raise AssertionError("num_gpus > 1 must not train in the worker process")
 
-    monkeypatch.setattr(round_module, "train_dpo", not_in_process)
+    monkeypatch.setattr(round_module, "train_for_algorithm", not_in_process)
     spec = JobSpec.model_validate(dict(
         base_model=tiny_models.policy, prompt_set="ps", rounds=1, reward_model={"type": "scalar",
                                                                                  "model": tiny_models.scalar_rm},

@@ -64,13 +64,13 @@ def test_resume_after_a_crash_mid_stage_skips_completed_stages(tiny_models, tmp_
 
     import workers.pipeline.round as round_module
 
-    real_train = round_module.train_dpo
+    real_train = round_module.train_for_algorithm
 
     def crash_after_partial_write(config, start, pairs, out_dir, *args, **kwargs):
         (out_dir / "adapter_model.safetensors").write_bytes(b"half a file")
         raise KeyboardInterrupt("simulated SIGKILL mid-train")
 
-    monkeypatch.setattr(round_module, "train_dpo", crash_after_partial_write)
+    monkeypatch.setattr(round_module, "train_for_algorithm", crash_after_partial_write)
     with pytest.raises(KeyboardInterrupt):
         run_round(_ctx(spec, tiny_models, tmp_path, 1, job="job-r"))
     assert paths.generations.is_file() and paths.scores.is_file() and paths.pairs.is_dir()
@@ -80,7 +80,7 @@ def test_resume_after_a_crash_mid_stage_skips_completed_stages(tiny_models, tmp_
     (paths.round_dir / "model.tmp-killed" / "junk").write_text("x")
     generations_before = paths.generations.read_bytes()
 
-    monkeypatch.setattr(round_module, "train_dpo", real_train)
+    monkeypatch.setattr(round_module, "train_for_algorithm", real_train)
     events = []
     result = run_round(_ctx(spec, tiny_models, tmp_path, 1, RoundHooks(
         emit_event=lambda lvl, t, m, d: events.append((t, d.get("stage")))), job="job-r"))

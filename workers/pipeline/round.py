@@ -29,7 +29,7 @@ from workers.pipeline.prompts import Messages, validate_prompt
 from workers.pipeline.round_eval import evaluate_round
 from workers.pipeline.score import RewardModel, load_reward_model, reward_model_spec
 from workers.pipeline.split import PromptSplit, SplitConfig, split_prompts
-from workers.pipeline.train import LoraSettings, StartingPolicy, TrainConfig, train_dpo
+from workers.pipeline.train import LoraSettings, StartingPolicy, TrainConfig, train_for_algorithm
 
 # Share of a round's progress each stage accounts for (start, end).
 STAGE_SPAN = {"split": (0.0, 0.02), "generate": (0.02, 0.3), "score": (0.3, 0.45), "pair": (0.45, 0.5),
@@ -277,17 +277,12 @@ class _RoundRunner:
             import shutil
 
             config = train_config(self.ctx.spec)
-            trainer = train_dpo
-            if config.algorithm == "rejection_sampling":
-                from workers.pipeline.sft import train_sft
-
-                trainer = train_sft
             with artifacts.atomic_directory(self.paths.model) as tmp:
                 if self.ctx.spec.training.num_gpus > 1:
                     result = train_on_gpus(config, tmp)
                 else:
-                    result = trainer(config, start, load_pairs(self.paths.pairs), tmp, self.paths.trainer_scratch,
-                                     self.ctx.hooks, progress=progress)
+                    result = train_for_algorithm(config, start, load_pairs(self.paths.pairs), tmp,
+                                                 self.paths.trainer_scratch, self.ctx.hooks, progress=progress)
                 # the stats must exist before the model dir appears: write them from inside the block
                 stats = {"train_loss": result.train_loss, "train_steps": result.steps,
                          "train_samples_per_s": result.samples_per_s,
